@@ -1,0 +1,187 @@
+"""Convert the registered eager net to TorchScript, prove parity, log and register the deployable.
+
+A converted model that does not match eager on every held-out image is never logged.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+
+from lightcycle import data, model_io, registry, tracking
+from lightcycle.errors import UserError
+from lightcycle.evaluate import images_tensor, predict_logits
+
+METHODS = ("script", "trace")
+# Max abs logit difference allowed between eager and converted (float32, same CPU kernels).
+PARITY_ATOL = 1e-4
+MAX_BATCH = 1024
+SERVING_MODEL_CODE = Path(__file__).with_name("serving_model.py")
+
+TAG_PARITY_MAX_DIFF = "lightcycle.parity_max_abs_diff"
+TAG_PARITY_ARGMAX = "lightcycle.parity_argmax_mismatches"
+TAG_METHOD = "lightcycle.conversion"
+
+
+class ParityError(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class Parity:
+    max_abs_diff: float
+    argmax_mismatches: int
+    images: int
+
+    @property
+    def ok(self) -> bool:
+        return self.argmax_mismatches == 0 and self.max_abs_diff <= PARITY_ATOL
+
+    def describe(self) -> str:
+        return (f"max |logit diff| {self.max_abs_diff:.3g} (tolerance {PARITY_ATOL:g}), "
+                f"{self.argmax_mismatches} of {self.images} predictions differ")
+
+
+def compare(reference: torch.Tensor, candidate: torch.Tensor) -> Parity:
+    return Parity(
+        max_abs_diff=float((reference - candidate).abs().max()),
+        argmax_mismatches=int((reference.argmax(1) != candidate.argmax(1)).sum()),
+        images=len(reference),
+    )
+
+
+def convert(net: torch.nn.Module, method: str, example: torch.Tensor) -> torch.jit.ScriptModule:
+    if method not in METHODS:
+        raise UserError(f"Unknown conversion method {method!r}: choose one of {', '.join(METHODS)}.")
+    net = net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+        if method == "script":
+            return torch.jit.script(net)
+        return torch.jit.trace(net, example)
+
+
+def optimize(
+    scripted: torch.jit.ScriptModule, images: torch.Tensor, reference: torch.Tensor
+) -> tuple[torch.jit.ScriptModule, str, Parity]:
+    """Apply freeze, then optimize_for_inference, keeping each only where outputs stay equal."""
+    best, stage = scripted, "scripted"
+    parity = compare(reference, predict_logits(scripted, images))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for name, step in (("frozen", torch.jit.freeze),
+                           ("optimized", torch.jit.optimize_for_inference)):
+            try:
+                candidate = step(best)
+            except RuntimeError:
+                break
+            candidate_parity = compare(reference, predict_logits(candidate, images))
+            if not candidate_parity.ok:
+                break
+            best, stage, parity = candidate, name, candidate_parity
+    return best, stage, parity
+
+
+@dataclass(frozen=True)
+class Deployable:
+    source: registry.ModelRef
+    version: registry.ModelRef
+    parity: Parity
+    stage: str
+    run_id: str
+
+
+def publish(
+    model_uri: str,
+    method: str = "script",
+    data_dir: str | os.PathLike = data.default_data_dir(),
+    deployable_name: str | None = None,
+    tamper: Callable[[torch.jit.ScriptModule], torch.jit.ScriptModule] | None = None,
+) -> Deployable:
+    """Convert, check parity, log and register. Must run inside an active MLflow run.
+
+    `tamper` lets tests corrupt the converted module to prove a parity failure blocks logging.
+    """
+    client = MlflowClient()
+    source = registry.resolve(model_uri, client)
+    name = deployable_name or registry.deployable_name(source.name)
+    test_split = data.load_split(data_dir, "test")
+    images = images_tensor(test_split)
+
+    eager = model_io.load_eager_net(source.uri)
+    reference = predict_logits(eager, images)
+    scripted = convert(eager, method, images[:2])
+    if tamper is not None:
+        scripted = tamper(scripted)
+    best, stage, parity = optimize(scripted, images, reference)
+    mlflow.log_metrics({"parity_max_abs_diff": parity.max_abs_diff,
+                        "parity_argmax_mismatches": parity.argmax_mismatches})
+    mlflow.log_params({"parity_images": parity.images, "parity_atol": PARITY_ATOL,
+                       "source_version": source.uri, "optimization": stage})
+    if not parity.ok:
+        raise ParityError(
+            f"The {method}ed model does not match eager {source.uri} on the {parity.images} "
+            f"held-out test images: {parity.describe()}. Nothing was logged or registered."
+        )
+
+    accuracy = float((reference.argmax(1).numpy() == test_split.labels).mean())
+    info = log_deployable(best, method, source, parity, accuracy)
+    run_id = mlflow.active_run().info.run_id
+    mlflow.set_tags({tracking.TAG_OUTPUT_URI: info.model_uri, tracking.TAG_MODEL_ID: info.model_id})
+
+    source_mv = client.get_model_version(source.name, source.version)
+    tags = {
+        registry.TAG_SOURCE_VERSION: source.uri,
+        registry.TAG_SOURCE_RUN: source_mv.run_id or "",
+        TAG_METHOD: f"{method}/{stage}",
+        TAG_PARITY_MAX_DIFF: f"{parity.max_abs_diff:.6g}",
+        TAG_PARITY_ARGMAX: str(parity.argmax_mismatches),
+        tracking.TAG_CODE_VERSION: tracking.code_version(),
+        tracking.TAG_DATA_DIGEST: source_mv.tags.get(tracking.TAG_DATA_DIGEST, ""),
+        registry.TAG_TEST_ACCURACY: f"{accuracy:.6g}",
+    }
+    mv, _ = registry.register_model(info.model_uri, name, run_id, tags, client)
+    client.set_registered_model_alias(name, registry.CHALLENGER, mv.version)
+    return Deployable(source, registry.ModelRef(name, mv.version), parity, stage, run_id)
+
+
+def log_deployable(module: torch.jit.ScriptModule, method: str, source: registry.ModelRef,
+                   parity: Parity, accuracy: float):
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+    from mlflow.types.schema import Array, ColSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), model_io.INPUT_SHAPE)]),
+        outputs=Schema([
+            ColSpec("long", "class_id"),
+            ColSpec("string", "label"),
+            ColSpec(Array("double"), "probabilities"),
+        ]),
+    )
+    with tempfile.TemporaryDirectory(prefix="lightcycle-ts-") as tmp:
+        archive = os.path.join(tmp, "model.pt")
+        torch.jit.save(module, archive)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(SERVING_MODEL_CODE),
+            artifacts={"torchscript": archive},
+            model_config={"class_names": list(data.CLASS_NAMES), "max_batch": MAX_BATCH},
+            signature=signature,
+            input_example=model_io.input_example(),
+            pip_requirements=model_io.torch_requirements() + [f"pandas=={model_io._version('pandas')}"],
+            metadata=model_io.model_metadata(
+                format="torchscript", conversion=method, source_version=source.uri,
+                parity_max_abs_diff=parity.max_abs_diff, test_accuracy=accuracy,
+                max_batch=MAX_BATCH,
+            ),
+        )

@@ -1,0 +1,74 @@
+"""How models are logged to and loaded from MLflow: signatures, examples, explicit requirements."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import numpy as np
+
+from lightcycle.data import CLASS_NAMES
+
+INPUT_SHAPE = (-1, 1, 28, 28)
+
+
+def _version(package: str) -> str:
+    # Local builds carry a suffix ("2.14.1+cpu"); requirements want the release.
+    return importlib.metadata.version(package).split("+")[0]
+
+
+def torch_requirements(with_torchvision: bool = False) -> list[str]:
+    """Explicit pins: inferring requirements costs 8-15 s per logged model."""
+    reqs = [f"torch=={_version('torch')}", f"numpy=={_version('numpy')}"]
+    if with_torchvision:
+        reqs.append(f"torchvision=={_version('torchvision')}")
+    return reqs
+
+
+def input_example(batch: int = 2) -> np.ndarray:
+    """Raw pixels in the serving contract: float32, 0-255, (N, 1, 28, 28)."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(batch, 1, 28, 28)).astype(np.float32)
+
+
+def logits_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), INPUT_SHAPE)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(CLASS_NAMES)))]),
+    )
+
+
+def model_metadata(**extra) -> dict:
+    return {"class_names": list(CLASS_NAMES), "input": "raw pixels 0-255, float32, (N, 1, 28, 28)",
+            **extra}
+
+
+def log_eager_model(net, name: str = "model", **metadata):
+    """Log the trained plain net as float32 (even after bf16 training), with a signature.
+
+    Pickle format keeps the `nn.Module` itself, which the conversion step scripts; torch.export's
+    pt2 would hand back a graph module that `torch.jit.script` cannot take. Unpickling needs
+    `lightcycle` importable (this project's venv, or `pip install -e .`).
+    """
+    import mlflow.pytorch
+
+    net = net.float().cpu().eval()
+    return mlflow.pytorch.log_model(
+        net,
+        name=name,
+        serialization_format="pickle",
+        signature=logits_signature(),
+        input_example=input_example(),
+        pip_requirements=torch_requirements(with_torchvision=True),
+        metadata=model_metadata(**metadata),
+    )
+
+
+def load_eager_net(model_uri: str):
+    """The plain `nn.Module` behind an eager model URI, in eval mode on the CPU."""
+    import mlflow.pytorch
+
+    net = mlflow.pytorch.load_model(model_uri, map_location="cpu", weights_only=False)
+    return net.float().eval()

@@ -1,0 +1,188 @@
+"""`main`: chain train -> register -> torchscript -> promote, reusing finished steps.
+
+Every step runs as its own `mlflow run` process under this run. What a step produced is read
+back from the tracking server (the step run's `lightcycle.output_uri` tag) and the registry,
+never from files on disk.
+
+A step is reused when a FINISHED run of the same entry point exists in this experiment with
+the same parameters (compared as strings, as MLflow stores them), the same code version, and
+outputs that still exist. The newest such run wins; all result pages are searched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+
+from lightcycle import registry, tracking
+from lightcycle.errors import UserError
+
+TRAIN_PARAMS = ("model", "epochs", "batch_size", "learning_rate", "weight_decay", "seed",
+                "data_dir", "download", "precision", "accelerator", "devices", "strategy",
+                "num_workers")
+
+
+class StepFailed(UserError):
+    pass
+
+
+@dataclass
+class StepResult:
+    entry_point: str
+    run: Run
+    cached: bool
+
+    @property
+    def output_uri(self) -> str:
+        return self.run.data.tags[tracking.TAG_OUTPUT_URI]
+
+
+@dataclass
+class PipelineResult:
+    steps: dict[str, StepResult] = field(default_factory=dict)
+    champion: registry.ModelRef | None = None
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def find_cached_run(client: MlflowClient, experiment_id: str, entry_point: str,
+                    params: dict[str, str], code_version: str) -> Run | None:
+    query = (f"tags.`{tracking.TAG_ENTRY_POINT}` = '{_quote(entry_point)}' "
+             f"and attributes.status = 'FINISHED' "
+             f"and tags.`{tracking.TAG_CODE_VERSION}` = '{_quote(code_version)}'")
+    page_token = None
+    while True:
+        page = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"],
+                                  max_results=100, page_token=page_token)
+        for run in page:
+            if all(run.data.params.get(k) == v for k, v in params.items()) and outputs_exist(client, run):
+                return run
+        page_token = page.token
+        if not page_token:
+            return None
+
+
+def outputs_exist(client: MlflowClient, run: Run) -> bool:
+    """The step's output is still there: the model version is live and its files are stored."""
+    uri = run.data.tags.get(tracking.TAG_OUTPUT_URI)
+    if not uri:
+        return False
+    try:
+        if uri.startswith("models:/m-"):
+            model_id = uri.removeprefix("models:/")
+            files = client.list_logged_model_artifacts(model_id)
+        else:
+            ref = registry.resolve(uri, client)
+            mv = client.get_model_version(ref.name, ref.version)
+            if mv.status != "READY" or not mv.model_id:
+                return False
+            files = client.list_logged_model_artifacts(mv.model_id)
+    except (MlflowException, UserError, OSError):
+        return False
+    return any(f.path.rsplit("/", 1)[-1] == "MLmodel" for f in files)
+
+
+class Pipeline:
+    def __init__(self, project_uri: str, parent: Run, force: bool = False) -> None:
+        self.client = MlflowClient()
+        self.project_uri = project_uri
+        self.parent = parent
+        self.force = force
+        self.code_version = tracking.code_version()
+
+    def step(self, entry_point: str, params: dict[str, object]) -> StepResult:
+        params = {k: str(v) for k, v in params.items()}
+        experiment_id = self.parent.info.experiment_id
+        if not self.force:
+            cached = find_cached_run(self.client, experiment_id, entry_point, params,
+                                     self.code_version)
+            if cached is not None:
+                print(f"[main] {entry_point}: reusing finished run {cached.info.run_id}", flush=True)
+                mlflow.set_tag(f"lightcycle.step.{entry_point}", cached.info.run_id)
+                return StepResult(entry_point, cached, cached=True)
+        child = self.client.create_run(experiment_id, tags={
+            "mlflow.parentRunId": self.parent.info.run_id,
+            **tracking.step_tags(entry_point),
+        }, run_name=entry_point)
+        run_id = child.info.run_id
+        mlflow.set_tag(f"lightcycle.step.{entry_point}", run_id)
+        print(f"[main] {entry_point}: starting run {run_id}", flush=True)
+        try:
+            mlflow.projects.run(self.project_uri, entry_point=entry_point, parameters=params,
+                                experiment_id=experiment_id, run_id=run_id, env_manager="local",
+                                synchronous=True)
+        except mlflow.projects.ExecutionException as exc:
+            raise StepFailed(
+                f"Step {entry_point} failed (run {run_id}); its output is above. Fix the cause "
+                "and re-run the same command: finished steps are reused."
+            ) from exc
+        run = self.client.get_run(run_id)
+        if tracking.TAG_OUTPUT_URI not in run.data.tags:
+            raise StepFailed(f"Step {entry_point} (run {run_id}) finished without recording "
+                             "its output.")
+        return StepResult(entry_point, run, cached=False)
+
+
+def run_pipeline(project_uri: str, train_params: dict[str, object], model_name: str,
+                 min_accuracy: float, method: str, force: bool) -> PipelineResult:
+    """Run the chain inside the active run (the `main` run). Returns what each step produced."""
+    parent = mlflow.active_run()
+    if parent is None:
+        raise RuntimeError("run_pipeline needs an active MLflow run")
+    pipeline = Pipeline(project_uri, mlflow.get_run(parent.info.run_id), force)
+    result = PipelineResult()
+    data_dir = str(train_params["data_dir"])
+
+    train = pipeline.step("train", train_params)
+    result.steps["train"] = train
+    register = pipeline.step("register", {"run_id": train.run.info.run_id,
+                                          "model_name": model_name})
+    result.steps["register"] = register
+    deployable = registry.deployable_name(model_name)
+    script = pipeline.step("torchscript", {"model_uri": register.output_uri, "method": method,
+                                           "data_dir": data_dir, "deployable_name": deployable})
+    result.steps["torchscript"] = script
+    scripted = registry.resolve(script.output_uri, pipeline.client)
+    gate = pipeline.step("promote", {"model_name": deployable, "min_accuracy": min_accuracy,
+                                     "version": scripted.version, "data_dir": data_dir})
+    result.steps["promote"] = gate
+    champion = registry.alias_version(pipeline.client, deployable, registry.CHAMPION)
+    if champion is not None:
+        result.champion = registry.ModelRef(deployable, champion.version)
+    return result
+
+
+def summary(result: PipelineResult) -> str:
+    train, register, script, gate = (result.steps[k] for k in
+                                     ("train", "register", "torchscript", "promote"))
+
+    def origin(step: StepResult) -> str:
+        return "reused" if step.cached else "new"
+
+    metrics = train.run.data.metrics
+    lines = [
+        "lightcycle summary",
+        f"  train       run {train.run.info.run_id} ({origin(train)}): "
+        f"test_accuracy={metrics.get('test_accuracy', float('nan')):.4f}",
+        f"  register    {register.output_uri} ({origin(register)})",
+        f"  torchscript {script.output_uri} ({origin(script)}): parity max|diff|="
+        f"{script.run.data.metrics.get('parity_max_abs_diff', float('nan')):.3g}, "
+        f"argmax mismatches={int(script.run.data.metrics.get('parity_argmax_mismatches', -1))}",
+        f"  promote     {gate.run.data.tags.get('lightcycle.gate.decision', '?')} "
+        f"({origin(gate)}): {gate.run.data.tags.get('lightcycle.gate.reason', '')}",
+    ]
+    if result.champion:
+        champion_uri = f"models:/{result.champion.name}@champion"
+        lines += [
+            f"  champion    {result.champion.uri}",
+            f"  serve it:   mlflow models serve -m {champion_uri} --env-manager local -p 5001",
+        ]
+    else:
+        lines.append("  champion    none yet (the gate refused this challenger)")
+    return "\n".join(lines)

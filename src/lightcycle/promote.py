@@ -1,0 +1,114 @@
+"""The promotion gate: evaluate the challenger on held-out data; move `champion` only if it earns it.
+
+Challenger and champion are both evaluated here, now, through the same pyfunc path that
+serving uses, on the same test set, so the comparison is like for like even if a user moved
+an alias by hand since the last promotion. No Lightning is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+
+from lightcycle import data, registry, tracking
+from lightcycle.errors import UserError
+
+TAG_DECISION = "lightcycle.gate.decision"
+TAG_ACCURACY = "lightcycle.gate.accuracy"
+TAG_MIN_ACCURACY = "lightcycle.gate.min_accuracy"
+TAG_CHAMPION_ACCURACY = "lightcycle.gate.champion_accuracy"
+TAG_GATE_RUN = "lightcycle.gate.run_id"
+
+
+@dataclass(frozen=True)
+class GateResult:
+    candidate: registry.ModelRef
+    accuracy: float
+    champion: registry.ModelRef | None
+    champion_accuracy: float | None
+    promoted: bool
+    reason: str
+
+
+def pyfunc_accuracy(model_uri: str, split: data.Split) -> float:
+    model = mlflow.pyfunc.load_model(model_uri)
+    pixels = split.images[:, None].astype(np.float32)
+    predictions = model.predict(pixels)
+    class_ids = np.asarray(predictions["class_id"] if hasattr(predictions, "columns")
+                           else np.asarray(predictions).argmax(1))
+    return float((class_ids == split.labels).mean())
+
+
+def decide(accuracy: float, min_accuracy: float, champion_accuracy: float | None) -> tuple[bool, str]:
+    if not accuracy > min_accuracy:
+        return False, f"accuracy {accuracy:.4f} does not beat min_accuracy {min_accuracy:.4f}"
+    if champion_accuracy is not None and accuracy < champion_accuracy:
+        return False, (f"accuracy {accuracy:.4f} is worse than the champion's "
+                       f"{champion_accuracy:.4f}")
+    if champion_accuracy is None:
+        return True, f"accuracy {accuracy:.4f} beats min_accuracy {min_accuracy:.4f}; no champion yet"
+    return True, (f"accuracy {accuracy:.4f} beats min_accuracy {min_accuracy:.4f} and is not "
+                  f"worse than the champion's {champion_accuracy:.4f}")
+
+
+def promote(
+    model_name: str,
+    min_accuracy: float,
+    version: str = "",
+    data_dir: str | os.PathLike = data.default_data_dir(),
+) -> GateResult:
+    """Gate `version` (default: the version holding `challenger`). Needs an active run."""
+    client = MlflowClient()
+    uri = f"models:/{model_name}/{version}" if version else f"models:/{model_name}@{registry.CHALLENGER}"
+    candidate = registry.resolve(uri, client)
+    split = data.load_split(data_dir, "test")
+
+    accuracy = pyfunc_accuracy(candidate.uri, split)
+    current = registry.alias_version(client, model_name, registry.CHAMPION)
+    champion = registry.ModelRef(model_name, current.version) if current else None
+    champion_accuracy = None
+    if champion and champion.version != candidate.version:
+        champion_accuracy = pyfunc_accuracy(champion.uri, split)
+    promoted, reason = decide(accuracy, min_accuracy, champion_accuracy)
+    if champion and champion.version == candidate.version:
+        promoted, reason = False, f"version {candidate.version} already holds champion ({reason})"
+        accuracy_kept = True
+    else:
+        accuracy_kept = False
+
+    run_id = mlflow.active_run().info.run_id
+    metrics = {"gate_accuracy": accuracy, "gate_min_accuracy": min_accuracy,
+               "gate_promoted": float(promoted)}
+    if champion_accuracy is not None:
+        metrics["gate_champion_accuracy"] = champion_accuracy
+    mlflow.log_metrics(metrics)
+    mlflow.set_tags({TAG_DECISION: "promoted" if promoted else "rejected",
+                     "lightcycle.gate.reason": reason,
+                     "lightcycle.gate.candidate": candidate.uri,
+                     tracking.TAG_OUTPUT_URI: candidate.uri})
+    decision_tags = {
+        TAG_DECISION: "promoted" if promoted else ("champion" if accuracy_kept else "rejected"),
+        TAG_ACCURACY: f"{accuracy:.6g}",
+        TAG_MIN_ACCURACY: f"{min_accuracy:g}",
+        TAG_CHAMPION_ACCURACY: "" if champion_accuracy is None else f"{champion_accuracy:.6g}",
+        TAG_GATE_RUN: run_id,
+    }
+    for key, value in decision_tags.items():
+        client.set_model_version_tag(model_name, candidate.version, key, value)
+    if promoted:
+        # `previous` first: if the second call fails, champion still points at a good version.
+        if champion:
+            client.set_registered_model_alias(model_name, registry.PREVIOUS, champion.version)
+        client.set_registered_model_alias(model_name, registry.CHAMPION, candidate.version)
+    return GateResult(candidate, accuracy, champion, champion_accuracy, promoted, reason)
+
+
+def require_champion(model_name: str) -> registry.ModelRef:
+    ref = registry.alias_version(MlflowClient(), model_name, registry.CHAMPION)
+    if ref is None:
+        raise UserError(f"{model_name} has no champion yet: run `mlflow run .` first.")
+    return registry.ModelRef(model_name, ref.version)

@@ -1,0 +1,181 @@
+"""Model registry: idempotent registration with lineage tags, alias moves, URI resolution.
+
+No torch, no Lightning: registering and promoting must start fast.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException, RestException
+
+from lightcycle import tracking
+from lightcycle.errors import UserError
+
+DEFAULT_MODEL_NAME = "lightcycle-fashion"
+SCRIPTED_SUFFIX = "-scripted"
+
+# Lineage tags on model versions.
+TAG_SOURCE_RUN = "lightcycle.source_run_id"
+TAG_SOURCE_VERSION = "lightcycle.source_version"  # eager version a deployable was made from
+TAG_TEST_ACCURACY = "lightcycle.test_accuracy"
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def deployable_name(model_name: str) -> str:
+    return model_name + SCRIPTED_SUFFIX
+
+
+def _not_found(exc: MlflowException) -> bool:
+    return getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or (
+        isinstance(exc, RestException) and "not found" in str(exc).lower()
+    )
+
+
+def resolve(model_uri: str, client: MlflowClient | None = None) -> ModelRef:
+    """Turn `models:/<name>/<version>` or `models:/<name>@<alias>` into a concrete version.
+
+    Aliases are resolved now, at use time: a user may have moved one in the UI.
+    """
+    client = client or MlflowClient()
+    match = _MODELS_URI.match(model_uri.strip())
+    if not match:
+        raise UserError(
+            f"Cannot use model URI {model_uri!r}: expected models:/<name>/<version> or "
+            "models:/<name>@<alias> (for example models:/lightcycle-fashion-scripted@champion)."
+        )
+    name = match["name"]
+    try:
+        if match["alias"]:
+            mv = client.get_model_version_by_alias(name, match["alias"])
+        else:
+            mv = client.get_model_version(name, match["version"])
+    except MlflowException as exc:
+        if _not_found(exc):
+            raise UserError(
+                f"{model_uri} does not exist in the registry at {tracking.tracking_uri()}. "
+                f"List what does with: mlflow models ... or the UI's Models page; "
+                f"run `mlflow run .` to produce one."
+            ) from None
+        raise
+    return ModelRef(name, mv.version)
+
+
+def wait_until_ready(client: MlflowClient, name: str, version: str, timeout: float = 300) -> ModelVersion:
+    deadline = time.monotonic() + timeout
+    while True:
+        mv = client.get_model_version(name, version)
+        if mv.status == "READY":
+            return mv
+        if mv.status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"Model version {name}/{version} did not become READY "
+                f"(status {mv.status}: {mv.status_message})."
+            )
+        time.sleep(0.5)
+
+
+def find_version_for_run(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+    """The oldest live version of `name` registered from `run_id`, if any."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException as exc:
+        if _not_found(exc):
+            return None
+        raise
+    live = [v for v in versions if v.status == "READY"]
+    return min(live, key=lambda v: int(v.version)) if live else None
+
+
+def register_model(
+    model_uri: str, name: str, run_id: str, tags: dict[str, str], client: MlflowClient | None = None
+) -> tuple[ModelVersion, bool]:
+    """Register `model_uri` (produced by `run_id`) under `name`; idempotent per run.
+
+    Returns (version, created). The version is created with all its tags in one call, and
+    deleted again if it never becomes READY, so no half-registered version is left behind.
+    """
+    client = client or MlflowClient()
+    existing = find_version_for_run(client, name, run_id)
+    if existing is not None:
+        return existing, False
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+    mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+    try:
+        return wait_until_ready(client, name, mv.version), True
+    except BaseException:
+        _delete_quietly(client, name, mv.version)
+        raise
+
+
+def _delete_quietly(client: MlflowClient, name: str, version: str) -> None:
+    try:
+        client.delete_model_version(name, version)
+    except MlflowException:
+        pass
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if _not_found(exc):
+            return None
+        raise
+
+
+def register_training_run(run_id: str, model_name: str = DEFAULT_MODEL_NAME) -> tuple[ModelVersion, bool]:
+    """Register the eager model that training run `run_id` logged, with lineage tags."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if _not_found(exc):
+            raise UserError(
+                f"Run {run_id!r} does not exist at {tracking.tracking_uri()}. Pass the run id a "
+                "`train` run printed (or find it in the MLflow UI)."
+            ) from None
+        raise
+    if run.info.status != "FINISHED":
+        raise UserError(
+            f"Run {run_id} is {run.info.status}, not FINISHED: only a finished training run can "
+            "be registered. Re-run training (`mlflow run . -e train`)."
+        )
+    model_uri = run.data.tags.get(tracking.TAG_OUTPUT_URI)
+    if not model_uri:
+        outputs = run.outputs.model_outputs if run.outputs else []
+        if not outputs:
+            raise UserError(
+                f"Run {run_id} logged no model: is it a `train` run? "
+                f"(entry point: {run.data.tags.get(tracking.TAG_ENTRY_POINT, 'unknown')})"
+            )
+        model_uri = f"models:/{outputs[0].model_id}"
+    tags = {
+        TAG_SOURCE_RUN: run_id,
+        tracking.TAG_CODE_VERSION: run.data.tags.get(tracking.TAG_CODE_VERSION, ""),
+        tracking.TAG_GIT_COMMIT: run.data.tags.get(tracking.TAG_GIT_COMMIT, ""),
+        tracking.TAG_DATA_DIGEST: run.data.tags.get(tracking.TAG_DATA_DIGEST, ""),
+        TAG_TEST_ACCURACY: str(run.data.metrics.get("test_accuracy", "")),
+    }
+    return register_model(model_uri, model_name, run_id, tags, client)

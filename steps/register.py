@@ -1,0 +1,28 @@
+"""Entry point `register`: register a training run's model in the registry (idempotent)."""
+
+import argparse
+
+from lightcycle.tracking import run_step
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run_id", required=True)
+    parser.add_argument("--model_name", default="lightcycle-fashion")
+    args = parser.parse_args(argv)
+
+    import mlflow
+
+    from lightcycle import registry, tracking
+
+    tracking.check_tracking_server()
+    with mlflow.start_run():
+        mlflow.set_tags(tracking.step_tags("register"))
+        mv, created = registry.register_training_run(args.run_id, args.model_name)
+        uri = f"models:/{mv.name}/{mv.version}"
+        mlflow.set_tags({tracking.TAG_OUTPUT_URI: uri, "lightcycle.created": str(created).lower()})
+    print(f"{'registered' if created else 'already registered'}: {uri} (run {args.run_id})")
+
+
+if __name__ == "__main__":
+    run_step(main)
