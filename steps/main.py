@@ -21,7 +21,7 @@ def main(argv=None):
         parser.add_argument(f"--{name}", default=default)
     parser.add_argument("--model_name", default="lightcycle-fashion")
     parser.add_argument("--min_accuracy", default="0.5")
-    parser.add_argument("--method", default="script", choices=["script", "trace"])
+    parser.add_argument("--method", default="script")
     parser.add_argument("--force", type=boolean, default=False)
     args = parser.parse_args(argv)
 

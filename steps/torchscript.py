@@ -8,7 +8,7 @@ from lightcycle.tracking import run_step
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model_uri", required=True, help="models:/<name>/<version> or @<alias>")
-    parser.add_argument("--method", default="script", choices=["script", "trace"])
+    parser.add_argument("--method", default="script")
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--deployable_name", default="")
     args = parser.parse_args(argv)

@@ -15,14 +15,17 @@ def to_tensors(split: data.Split) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(split.labels)
 
 
-def augment(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random horizontal flips and shifts of up to 2 pixels, on a whole batch at once."""
-    n = images.shape[0]
+def augment(images: torch.Tensor, generator: torch.Generator | None = None,
+            max_shift: int = 2) -> torch.Tensor:
+    """Per-image random horizontal flips and shifts of up to `max_shift` pixels."""
+    n, _, h, w = images.shape
     flip = torch.rand(n, generator=generator) < 0.5
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
-    dx, dy = torch.randint(0, 5, (2,), generator=generator).tolist()
-    return padded[:, :, dy : dy + 28, dx : dx + 28]
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (n, h, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (n, 1, w)
+    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
 class FashionMNISTDataModule(L.LightningDataModule):

@@ -5,6 +5,7 @@ A converted model that does not match eager on every held-out image is never log
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import warnings
@@ -70,21 +71,33 @@ def convert(net: torch.nn.Module, method: str, example: torch.Tensor) -> torch.j
         return torch.jit.trace(net, example)
 
 
+def roundtrip(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """Save and load again: what is served is the archive, so parity is checked on it."""
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer, map_location="cpu")
+
+
 def optimize(
     scripted: torch.jit.ScriptModule, images: torch.Tensor, reference: torch.Tensor
 ) -> tuple[torch.jit.ScriptModule, str, Parity]:
-    """Apply freeze, then optimize_for_inference, keeping each only where outputs stay equal."""
-    best, stage = scripted, "scripted"
-    parity = compare(reference, predict_logits(scripted, images))
+    """Apply freeze, then optimize_for_inference, keeping each only where the saved archive
+    still loads and its outputs stay equal to eager."""
+    best, stage = roundtrip(scripted), "scripted"
+    parity = compare(reference, predict_logits(best, images))
+    if not parity.ok:
+        return best, stage, parity
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         for name, step in (("frozen", torch.jit.freeze),
                            ("optimized", torch.jit.optimize_for_inference)):
             try:
-                candidate = step(best)
+                # Both passes may rewrite their argument in place: give them a copy.
+                candidate = roundtrip(step(roundtrip(best)))
+                candidate_parity = compare(reference, predict_logits(candidate, images))
             except RuntimeError:
                 break
-            candidate_parity = compare(reference, predict_logits(candidate, images))
             if not candidate_parity.ok:
                 break
             best, stage, parity = candidate, name, candidate_parity
@@ -136,7 +149,7 @@ def publish(
     accuracy = float((reference.argmax(1).numpy() == test_split.labels).mean())
     info = log_deployable(best, method, source, parity, accuracy)
     run_id = mlflow.active_run().info.run_id
-    mlflow.set_tags({tracking.TAG_OUTPUT_URI: info.model_uri, tracking.TAG_MODEL_ID: info.model_id})
+    mlflow.set_tag(tracking.TAG_MODEL_ID, info.model_id)
 
     source_mv = client.get_model_version(source.name, source.version)
     tags = {
@@ -151,6 +164,7 @@ def publish(
     }
     mv, _ = registry.register_model(info.model_uri, name, run_id, tags, client)
     client.set_registered_model_alias(name, registry.CHALLENGER, mv.version)
+    mlflow.set_tag(tracking.TAG_OUTPUT_URI, f"models:/{name}/{mv.version}")
     return Deployable(source, registry.ModelRef(name, mv.version), parity, stage, run_id)
 
 

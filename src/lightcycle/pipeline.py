@@ -74,15 +74,15 @@ def outputs_exist(client: MlflowClient, run: Run) -> bool:
     if not uri:
         return False
     try:
-        if uri.startswith("models:/m-"):
-            model_id = uri.removeprefix("models:/")
-            files = client.list_logged_model_artifacts(model_id)
-        else:
+        if not uri.startswith("models:/m-"):
             ref = registry.resolve(uri, client)
             mv = client.get_model_version(ref.name, ref.version)
-            if mv.status != "READY" or not mv.model_id:
+            if mv.status != "READY":
                 return False
-            files = client.list_logged_model_artifacts(mv.model_id)
+            uri = mv.source  # the logged model behind the version: models:/m-<id>
+        if not uri.startswith("models:/m-"):
+            return False
+        files = client.list_logged_model_artifacts(uri.removeprefix("models:/"))
     except (MlflowException, UserError, OSError):
         return False
     return any(f.path.rsplit("/", 1)[-1] == "MLmodel" for f in files)
@@ -106,27 +106,39 @@ class Pipeline:
                 print(f"[main] {entry_point}: reusing finished run {cached.info.run_id}", flush=True)
                 mlflow.set_tag(f"lightcycle.step.{entry_point}", cached.info.run_id)
                 return StepResult(entry_point, cached, cached=True)
-        child = self.client.create_run(experiment_id, tags={
-            "mlflow.parentRunId": self.parent.info.run_id,
-            **tracking.step_tags(entry_point),
-        }, run_name=entry_point)
-        run_id = child.info.run_id
-        mlflow.set_tag(f"lightcycle.step.{entry_point}", run_id)
-        print(f"[main] {entry_point}: starting run {run_id}", flush=True)
+        print(f"[main] {entry_point}: starting", flush=True)
+        # Inside the active `main` run, MLflow creates the step run as its child and logs the
+        # parameters exactly as passed: the strings the cache compares.
         try:
-            mlflow.projects.run(self.project_uri, entry_point=entry_point, parameters=params,
-                                experiment_id=experiment_id, run_id=run_id, env_manager="local",
-                                synchronous=True)
+            submitted = mlflow.projects.run(
+                self.project_uri, entry_point=entry_point, parameters=params,
+                experiment_id=experiment_id, env_manager="local", synchronous=False)
         except mlflow.projects.ExecutionException as exc:
+            raise StepFailed(f"Step {entry_point} could not start: {exc}") from exc
+        run_id = submitted.run_id
+        mlflow.set_tag(f"lightcycle.step.{entry_point}", run_id)
+        try:
+            succeeded = submitted.wait()
+        except BaseException:
+            submitted.cancel()
+            self._terminate(run_id, "KILLED")
+            raise
+        # A step that died before its own start_run() exited would stay RUNNING: settle it.
+        self._terminate(run_id, "FINISHED" if succeeded else "FAILED")
+        if not succeeded:
             raise StepFailed(
                 f"Step {entry_point} failed (run {run_id}); its output is above. Fix the cause "
                 "and re-run the same command: finished steps are reused."
-            ) from exc
+            )
         run = self.client.get_run(run_id)
         if tracking.TAG_OUTPUT_URI not in run.data.tags:
             raise StepFailed(f"Step {entry_point} (run {run_id}) finished without recording "
                              "its output.")
         return StepResult(entry_point, run, cached=False)
+
+    def _terminate(self, run_id: str, status: str) -> None:
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            self.client.set_terminated(run_id, status)
 
 
 def run_pipeline(project_uri: str, train_params: dict[str, object], model_name: str,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException, RestException
+from mlflow.exceptions import MlflowException
 
 from lightcycle import tracking
 from lightcycle.errors import UserError
@@ -44,8 +44,9 @@ def deployable_name(model_name: str) -> str:
 
 
 def _not_found(exc: MlflowException) -> bool:
+    # A missing alias comes back as INVALID_PARAMETER_VALUE "... alias champion not found".
     return getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or (
-        isinstance(exc, RestException) and "not found" in str(exc).lower()
+        "not found" in str(exc).lower()
     )
 
 

@@ -1,0 +1,162 @@
+"""Shared fixtures: a real `mlflow server` on 127.0.0.1 and helpers to run entry points."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
+VENV_BIN = str(Path(sys.executable).parent)
+
+# `mlflow run` and `mlflow models serve` exec `python`/`uvicorn` by name: the venv leads PATH.
+os.environ["PATH"] = VENV_BIN + os.pathsep + os.environ.get("PATH", "")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen | None, timeout: float, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            detail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}:\n{detail}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Stop a process started with start_new_session=True, and its children, by process id."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+
+
+@dataclass
+class TrackingServer:
+    url: str
+    root: Path
+    proc: subprocess.Popen
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+
+def start_tracking_server(root: Path, backend_uri: str | None = None) -> TrackingServer:
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    backend_uri = backend_uri or f"sqlite:///{root / 'mlflow.db'}"
+    log = root / "server.log"
+    proc = subprocess.Popen(
+        [os.path.join(VENV_BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", backend_uri,
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/health", proc, timeout=120, log=log)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return TrackingServer(url, root, proc)
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory):
+    server = start_tracking_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    stop_process(server.proc)
+
+
+@pytest.fixture
+def tracking_uri(tracking_server, monkeypatch):
+    """Point this test process (and everything it starts) at the session's server."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
+    mlflow.set_tracking_uri(tracking_server.url)
+    yield tracking_server.url
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def experiment(tracking_uri, monkeypatch):
+    """A fresh experiment per test, so cache lookups never see another test's runs."""
+    import mlflow
+
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    experiment_id = mlflow.create_experiment(name)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+@pytest.fixture
+def model_name():
+    return f"fashion-{uuid.uuid4().hex[:8]}"
+
+
+def mlflow_run(entry_point: str, params: dict[str, object] | None = None,
+               experiment_id: str | None = None, timeout: float = 900,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`mlflow run . -e <entry_point> --env-manager local -P k=v ...`, as a user types it."""
+    cmd = ["mlflow", "run", str(PROJECT_ROOT), "-e", entry_point, "--env-manager", "local"]
+    if experiment_id:
+        cmd += ["--experiment-id", experiment_id]
+    for key, value in (params or {}).items():
+        cmd += ["-P", f"{key}={value}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=PROJECT_ROOT)
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def runs_of(experiment_id: str, entry_point: str | None = None, status: str | None = None):
+    from mlflow import MlflowClient
+
+    clauses = []
+    if entry_point:
+        clauses.append(f"tags.`mlflow.project.entryPoint` = '{entry_point}'")
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    return MlflowClient().search_runs([experiment_id], " and ".join(clauses),
+                                      max_results=1000)
+
+
+def copy_sample(dest: Path) -> Path:
+    shutil.copytree(SAMPLE_DIR / "FashionMNIST", dest / "FashionMNIST")
+    return dest

@@ -1,0 +1,267 @@
+"""The lifecycle chain through `mlflow run .` against a real tracking server over HTTP."""
+
+from __future__ import annotations
+
+import shutil
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import SAMPLE_DIR, check, mlflow_run, runs_of
+from lightcycle import data, export, pipeline, promote, registry
+
+pytestmark = pytest.mark.slow
+
+
+def versions(name):
+    try:
+        return sorted(int(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'"))
+    except mlflow.exceptions.MlflowException:
+        return []
+
+
+@pytest.fixture(scope="module")
+def chain(tracking_server):
+    """One full `mlflow run .` (1 epoch) that the module's tests inspect."""
+    mlflow.set_tracking_uri(tracking_server.url)
+    experiment_id = mlflow.create_experiment("chain")
+    name = "chain-fashion"
+    result = check(mlflow_run("main", {"epochs": 1, "model_name": name, "min_accuracy": 0.2},
+                              experiment_id, env={"MLFLOW_TRACKING_URI": tracking_server.url}))
+    yield {"experiment": experiment_id, "name": name, "deployable": name + "-scripted",
+           "stdout": result.stdout, "server": tracking_server}
+    mlflow.set_tracking_uri(None)
+
+
+def test_main_ends_with_one_champion_that_predicts_raw_pixels(chain, tracking_uri):
+    assert versions(chain["name"]) == [1]
+    assert versions(chain["deployable"]) == [1]
+    model = mlflow.pyfunc.load_model(f"models:/{chain['deployable']}@champion")
+    test = data.load_split(SAMPLE_DIR, "test")
+    out = model.predict(test.images[:, None].astype(np.float32))
+    assert list(out.columns) == ["class_id", "label", "probabilities"]
+    assert np.allclose(np.stack(out["probabilities"]).sum(1), 1.0, atol=1e-5)
+    assert (out["class_id"].to_numpy() == test.labels).mean() > 0.2
+    assert out["label"][0] == data.CLASS_NAMES[out["class_id"][0]]
+
+
+def test_steps_are_children_of_main_and_summary_is_printed(chain, tracking_uri):
+    runs = runs_of(chain["experiment"])
+    main = [r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "main"]
+    assert len(main) == 1
+    children = {r.data.tags["mlflow.project.entryPoint"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == main[0].info.run_id}
+    assert set(children) == {"train", "register", "torchscript", "promote"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    out = chain["stdout"]
+    assert "parity max|diff|" in out and "promoted" in out
+    assert f"mlflow models serve -m models:/{chain['deployable']}@champion --env-manager local" in out
+
+
+def test_lineage_tags_on_versions(chain, tracking_uri):
+    client = MlflowClient()
+    eager = client.get_model_version(chain["name"], "1")
+    for key in ("lightcycle.source_run_id", "mlflow.source.git.commit" if "mlflow.source.git.commit" in eager.tags else "lightcycle.code_version",
+                "lightcycle.data_digest", "lightcycle.test_accuracy"):
+        assert eager.tags.get(key), key
+    scripted = client.get_model_version(chain["deployable"], "1")
+    assert scripted.tags["lightcycle.source_version"] == f"models:/{chain['name']}/1"
+    assert float(scripted.tags["lightcycle.parity_max_abs_diff"]) <= export.PARITY_ATOL
+    assert scripted.tags["lightcycle.parity_argmax_mismatches"] == "0"
+    assert scripted.tags["lightcycle.gate.decision"] == "promoted"
+    assert scripted.aliases and "champion" in scripted.aliases
+
+
+def test_deployable_is_torchscript_with_metadata(chain, tracking_uri, tmp_path):
+    uri = f"models:/{chain['deployable']}/1"
+    info = mlflow.models.get_model_info(uri)
+    assert info.metadata["class_names"] == list(data.CLASS_NAMES)
+    assert info.metadata["format"] == "torchscript"
+    local = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path))
+    archive = next(p for p in (tmp_path).rglob("model.pt"))
+    assert isinstance(torch.jit.load(str(archive)), torch.jit.ScriptModule)
+    requirements = (tmp_path / "requirements.txt").read_text() if (tmp_path / "requirements.txt").exists() else \
+        next(tmp_path.rglob("requirements.txt")).read_text()
+    assert "torch==" in requirements and "lightning" not in requirements
+    assert local
+
+
+def test_rerun_reuses_every_step(chain, tracking_uri):
+    before = len(runs_of(chain["experiment"], "train"))
+    result = check(mlflow_run("main", {"epochs": 1, "model_name": chain["name"], "min_accuracy": 0.2},
+                              chain["experiment"]))
+    assert result.stdout.count("reusing finished run") == 4
+    assert len(runs_of(chain["experiment"], "train")) == before
+    assert versions(chain["name"]) == [1] and versions(chain["deployable"]) == [1]
+
+
+def test_changed_gate_param_reuses_earlier_steps_only(chain, tracking_uri):
+    result = check(mlflow_run("main", {"epochs": 1, "model_name": chain["name"], "min_accuracy": 0.99},
+                              chain["experiment"]))
+    assert "train: reusing" in result.stdout and "torchscript: reusing" in result.stdout
+    assert "promote: starting" in result.stdout
+    assert "rejected" in result.stdout
+    assert versions(chain["deployable"]) == [1]
+    champion = MlflowClient().get_model_version_by_alias(chain["deployable"], "champion")
+    assert champion.version == "1"
+
+
+def test_cache_misses_on_each_changed_param_and_code_version(chain, tracking_uri):
+    client = MlflowClient()
+    train = runs_of(chain["experiment"], "train", "FINISHED")[0]
+    code_version = train.data.tags["lightcycle.code_version"]
+    params = {k: v for k, v in train.data.params.items() if k in pipeline.TRAIN_PARAMS}
+    assert set(params) == set(pipeline.TRAIN_PARAMS)
+    hit = pipeline.find_cached_run(client, chain["experiment"], "train", params, code_version)
+    assert hit.info.run_id == train.info.run_id
+    for key in params:
+        changed = {**params, key: params[key] + "0"}
+        assert pipeline.find_cached_run(client, chain["experiment"], "train", changed,
+                                        code_version) is None, key
+    # Strings, not numbers: "1.0" is not the "1" MLflow stored.
+    assert pipeline.find_cached_run(client, chain["experiment"], "train",
+                                    {**params, "epochs": "1.0"}, code_version) is None
+    assert pipeline.find_cached_run(client, chain["experiment"], "train", params,
+                                    "another-code-version") is None
+
+
+def test_cache_takes_newest_match_across_pages(chain, tracking_uri, experiment):
+    client = MlflowClient()
+    ids = []
+    for i in range(105):  # more than one page of 100
+        run = client.create_run(experiment, tags={"mlflow.project.entryPoint": "train",
+                                                  "lightcycle.code_version": "v1",
+                                                  "lightcycle.output_uri": "models:/m-missing"})
+        client.log_param(run.info.run_id, "seed", "7" if i < 2 else "8")
+        client.set_terminated(run.info.run_id, "FINISHED")
+        ids.append(run.info.run_id)
+    # Only the two oldest runs (on the last page) match, and their model is gone: a miss.
+    assert pipeline.find_cached_run(client, experiment, "train", {"seed": "7"}, "v1") is None
+    # Give both a live output: the newer of the two wins, found on the second page.
+    for run_id in ids[:2]:
+        client.set_tag(run_id, "lightcycle.output_uri", f"models:/{chain['name']}/1")
+    found = pipeline.find_cached_run(client, experiment, "train", {"seed": "7"}, "v1")
+    assert found.info.run_id == ids[1]
+
+
+def test_register_is_idempotent(chain, tracking_uri, model_name):
+    train = runs_of(chain["experiment"], "train", "FINISHED")[0]
+    first = check(mlflow_run("register", {"run_id": train.info.run_id, "model_name": model_name},
+                             chain["experiment"]))
+    second = check(mlflow_run("register", {"run_id": train.info.run_id, "model_name": model_name},
+                              chain["experiment"]))
+    assert f"registered: models:/{model_name}/1" in first.stdout
+    assert f"already registered: models:/{model_name}/1" in second.stdout
+    assert versions(model_name) == [1]
+
+
+def test_register_refuses_unknown_run_clearly(chain, tracking_uri, model_name):
+    result = mlflow_run("register", {"run_id": "0" * 32, "model_name": model_name},
+                        chain["experiment"])
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert versions(model_name) == []
+
+
+def test_parity_failure_blocks_logging_and_registration(chain, tracking_uri, experiment, model_name):
+    def perturb(module):
+        class Shifted(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return self.inner(x) + 0.01
+
+        return torch.jit.script(Shifted(module))
+
+    with pytest.raises(export.ParityError, match=r"max \|logit diff\| 0.01"):
+        with mlflow.start_run() as run:
+            export.publish(f"models:/{chain['name']}/1", "script", SAMPLE_DIR, model_name,
+                           tamper=perturb)
+    finished = mlflow.get_run(run.info.run_id)
+    assert finished.info.status == "FAILED"
+    assert finished.outputs is None or not finished.outputs.model_outputs
+    assert versions(model_name) == []
+    assert finished.data.metrics["parity_max_abs_diff"] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_gate_refuses_worse_challenger_and_keeps_previous(chain, tracking_uri, experiment, model_name):
+    client = MlflowClient()
+    # Two deployables from the chain's eager version: v1 promoted, then v2 promoted (equal
+    # accuracy is "not worse"), then v1 re-gated with an impossible bar is refused.
+    for _ in range(2):
+        with mlflow.start_run():
+            export.publish(f"models:/{chain['name']}/1", "script", SAMPLE_DIR, model_name)
+        with mlflow.start_run():
+            result = promote.promote(model_name, 0.1, data_dir=SAMPLE_DIR)
+        assert result.promoted, result.reason
+    assert client.get_model_version_by_alias(model_name, "champion").version == "2"
+    assert client.get_model_version_by_alias(model_name, "previous").version == "1"
+
+    with mlflow.start_run() as run:
+        refused = promote.promote(model_name, 0.999, version="1", data_dir=SAMPLE_DIR)
+    assert not refused.promoted and "does not beat min_accuracy" in refused.reason
+    assert client.get_model_version_by_alias(model_name, "champion").version == "2"
+    assert client.get_model_version(model_name, "1").tags["lightcycle.gate.decision"] == "rejected"
+    assert mlflow.get_run(run.info.run_id).data.metrics["gate_promoted"] == 0.0
+
+
+def test_gate_decision_rules():
+    assert promote.decide(0.8, 0.5, None)[0]
+    assert promote.decide(0.8, 0.5, 0.8)[0]
+    assert not promote.decide(0.79, 0.5, 0.8)[0]
+    assert not promote.decide(0.5, 0.5, None)[0]
+
+
+def test_failed_step_then_rerun_reuses_finished_steps(chain, tracking_uri):
+    failed = mlflow_run("main", {"epochs": 1, "model_name": chain["name"], "min_accuracy": 0.2,
+                                 "method": "bogus"}, chain["experiment"])
+    assert failed.returncode != 0
+    assert "Unknown conversion method 'bogus'" in failed.stderr + failed.stdout
+    assert "train: reusing" in failed.stdout
+    bad = [r for r in runs_of(chain["experiment"], "torchscript")
+           if r.data.params.get("method") == "bogus"]
+    assert bad and all(r.info.status == "FAILED" for r in bad)
+    assert versions(chain["deployable"]) == [1]
+
+
+def test_cache_miss_when_artifacts_were_deleted(tracking_uri, experiment, model_name, tracking_server):
+    params = {"epochs": 1, "model_name": model_name, "min_accuracy": 0.1}
+    check(mlflow_run("main", params, experiment))
+    train = runs_of(experiment, "train", "FINISHED")[0]
+    model_id = train.data.tags["lightcycle.output_uri"].removeprefix("models:/")
+    stored = [p for p in tracking_server.artifacts.rglob(model_id) if p.is_dir()]
+    assert stored, "logged model files not found under the server's artifact store"
+    for path in stored:
+        shutil.rmtree(path)
+    result = check(mlflow_run("main", params, experiment))
+    assert "train: starting" in result.stdout
+    assert len(runs_of(experiment, "train", "FINISHED")) == 2
+
+
+def test_force_reruns_everything(chain, tracking_uri):
+    before = len(runs_of(chain["experiment"], "train"))
+    result = check(mlflow_run("main", {"epochs": 1, "model_name": chain["name"], "min_accuracy": 0.2,
+                                       "force": "true"}, chain["experiment"]))
+    assert "reusing" not in result.stdout
+    assert len(runs_of(chain["experiment"], "train")) == before + 1
+
+
+def test_lineage_prints_the_whole_chain(chain, tracking_uri):
+    result = check(mlflow_run("lineage", {"model_uri": f"models:/{chain['deployable']}@champion"},
+                              chain["experiment"]))
+    out = result.stdout
+    for needle in ("parity", f"models:/{chain['name']}/", "training run", "data digest",
+                   "git commit", "gate"):
+        assert needle in out, needle
+
+
+def test_resolve_rejects_bad_uris(tracking_uri):
+    with pytest.raises(registry.UserError, match="expected models:/<name>/<version>"):
+        registry.resolve("runs:/abc/model")
+    with pytest.raises(registry.UserError, match="does not exist"):
+        registry.resolve("models:/no-such-model@champion")

@@ -1,0 +1,184 @@
+"""Serving the champion with the real `mlflow models serve`, over HTTP, and its input contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+
+from conftest import (PROJECT_ROOT, SAMPLE_DIR, check, free_port, mlflow_run, stop_process,
+                      wait_for_http)
+from lightcycle import data, serve
+from lightcycle.errors import UserError
+
+pytestmark = pytest.mark.slow
+
+MODEL_NAME = "serve-fashion"
+
+
+@pytest.fixture(scope="module")
+def champion(tracking_server):
+    mlflow.set_tracking_uri(tracking_server.url)
+    experiment_id = mlflow.create_experiment("serve")
+    check(mlflow_run("main", {"epochs": 1, "model_name": MODEL_NAME, "min_accuracy": 0.1},
+                     experiment_id, env={"MLFLOW_TRACKING_URI": tracking_server.url}))
+    yield f"models:/{MODEL_NAME}-scripted@champion"
+    mlflow.set_tracking_uri(None)
+
+
+def _start(cmd, port, tmp_path, env):
+    log = tmp_path / f"serve-{port}.log"
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+                            env=env, start_new_session=True)
+    wait_for_http(f"http://127.0.0.1:{port}/ping", proc, timeout=120, log=log)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def server(champion, tracking_server, tmp_path_factory):
+    """`mlflow run . -e serve` on the champion."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_server.url}
+    proc = _start(["mlflow", "run", str(PROJECT_ROOT), "-e", "serve", "--env-manager", "local",
+                   "-P", f"model_uri={champion}", "-P", f"port={port}"],
+                  port, tmp_path_factory.mktemp("serve"), env)
+    yield f"http://127.0.0.1:{port}", proc
+    stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    return data.load_split(SAMPLE_DIR, "test")
+
+
+def invoke(url, body, content_type="application/json"):
+    payload = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(url + "/invocations", data=payload,
+                         headers={"Content-Type": content_type}, timeout=60)
+
+
+def test_valid_batch_gets_probabilities_and_class_names(server, test_images):
+    url, _ = server
+    pixels = test_images.images[:64, None].astype(float).tolist()
+    response = invoke(url, {"inputs": pixels})
+    assert response.status_code == 200, response.text
+    rows = response.json()["predictions"]
+    assert len(rows) == 64
+    probabilities = np.array([r["probabilities"] for r in rows])
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    class_ids = np.array([r["class_id"] for r in rows])
+    assert [r["label"] for r in rows] == [data.CLASS_NAMES[i] for i in class_ids]
+    assert (class_ids == test_images.labels[:64]).mean() > 0.2
+
+
+def test_integer_pixels_are_accepted(server, test_images):
+    url, _ = server
+    response = invoke(url, {"inputs": test_images.images[:2, None].tolist()})
+    assert response.status_code == 200, response.text
+
+
+def test_plain_mlflow_models_serve_gives_the_same_answers(server, champion, tracking_server,
+                                                          test_images, tmp_path):
+    url, _ = server
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_server.url}
+    proc = _start(["mlflow", "models", "serve", "-m", champion, "--env-manager", "local",
+                   "-p", str(port)], port, tmp_path, env)
+    try:
+        body = {"inputs": test_images.images[:16, None].astype(float).tolist()}
+        ours = invoke(url, body).json()
+        plain = invoke(f"http://127.0.0.1:{port}", body).json()
+    finally:
+        stop_process(proc)
+    assert ours == plain
+
+
+def _image(value=0.0):
+    return [[[value] * 28 for _ in range(28)]]
+
+
+BAD_INPUTS = {
+    "wrong_rank": ({"inputs": [[0.0] * 784]}, "shape"),
+    "wrong_channels": ({"inputs": [[[[0.0] * 28] * 28] * 3]}, "shape"),
+    "wrong_height_width": ({"inputs": [[[[0.0] * 32] * 32]]}, "shape"),
+    "pixel_above_255": ({"inputs": [_image(300.0)]}, "[0, 255]"),
+    "pixel_below_0": ({"inputs": [_image(-1.0)]}, "[0, 255]"),
+    "nan": ('{"inputs": [[[' + ",".join(["[" + ",".join(["NaN"] * 28) + "]"] * 28) + "]]]}", "NaN"),
+    "infinity": ('{"inputs": [[[' + ",".join(["[" + ",".join(["Infinity"] * 28) + "]"] * 28) + "]]]}", "Infinity"),
+    "strings": ({"inputs": [[[["a"] * 28] * 28]]}, "could not convert"),
+    "ragged": ({"inputs": [[[[0.0] * 28] * 27 + [[0.0] * 5]]]}, "inhomogeneous"),
+    "empty_batch": ({"inputs": []}, "shape"),
+    "null": ({"inputs": None}, ""),
+    "dict_not_list": ({"inputs": {"pixels": [1, 2]}}, ""),
+    "unknown_key": ({"pixels": [_image()]}, "inputs"),
+    "two_keys": ({"inputs": [_image()], "instances": [_image()]}, "inputs"),
+    "not_json": ("this is {not json", "JSON"),
+    "empty_body": ("", ""),
+    "scalar": ({"inputs": 5}, ""),
+    "batch_too_large": ({"inputs": [_image()] * 1025}, "at most 1024"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_a_clear_4xx(server, case):
+    url, _ = server
+    body, needle = BAD_INPUTS[case]
+    response = invoke(url, body)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
+    assert needle in response.text, response.text[:1000]
+
+
+def test_wrong_content_type_gets_415(server):
+    url, _ = server
+    response = invoke(url, json.dumps({"inputs": [_image()]}), content_type="text/plain")
+    assert response.status_code == 415
+    assert "content type" in response.text.lower()
+
+
+def _rss_kib(pid: int) -> int:
+    total = 0
+    for child in [pid, *_descendants(pid)]:
+        try:
+            for line in open(f"/proc/{child}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    kids = [int(p) for p in out.stdout.split()]
+    return kids + [g for k in kids for g in _descendants(k)]
+
+
+def test_server_stays_healthy_after_1000_bad_requests(server, test_images):
+    url, proc = server
+    good = {"inputs": test_images.images[:4, None].astype(float).tolist()}
+    bad = [b for b, _ in BAD_INPUTS.values() if b != BAD_INPUTS["batch_too_large"][0]]
+    with requests.Session() as session:
+        def post(body):
+            payload = body if isinstance(body, str) else json.dumps(body)
+            return session.post(url + "/invocations", data=payload,
+                                headers={"Content-Type": "application/json"}, timeout=60)
+        for _ in range(100):  # warm-up, so allocator pools are in place before measuring
+            post(bad[0])
+        before = _rss_kib(proc.pid)
+        statuses = [post(bad[i % len(bad)]).status_code for i in range(1000)]
+        after = _rss_kib(proc.pid)
+        assert all(400 <= s < 500 for s in statuses)
+        assert post(good).status_code == 200
+    assert after - before < 50 * 1024, f"RSS grew {before} -> {after} KiB"
+
+
+def test_serve_accepts_only_registry_uris_or_local_model_dirs(tmp_path, tracking_uri):
+    with pytest.raises(UserError, match="Refusing to serve"):
+        serve.resolve_servable("runs:/0123/model")
+    with pytest.raises(UserError, match="Refusing to serve"):
+        serve.resolve_servable(str(tmp_path))
