@@ -5,7 +5,7 @@ import argparse
 from lightcycle.tracking import run_step
 
 TRAIN_DEFAULTS = {
-    "model": "cnn", "epochs": "30", "batch_size": "32", "learning_rate": "0.003",
+    "model": "cnn", "epochs": "40", "batch_size": "32", "learning_rate": "0.005",
     "weight_decay": "0.0001", "seed": "42", "data_dir": "data/sample", "download": "false",
     "precision": "32", "accelerator": "cpu", "devices": "1", "strategy": "auto",
     "num_workers": "0",

@@ -112,7 +112,7 @@ BAD_INPUTS = {
     "infinity": ('{"inputs": [[[' + ",".join(["[" + ",".join(["Infinity"] * 28) + "]"] * 28) + "]]]}", "Infinity"),
     "strings": ({"inputs": [[[["a"] * 28] * 28]]}, "could not convert"),
     "ragged": ({"inputs": [[[[0.0] * 28] * 27 + [[0.0] * 5]]]}, "inhomogeneous"),
-    "empty_batch": ({"inputs": []}, "shape"),
+    "empty_batch": ({"inputs": []}, "(-1, 1, 28, 28)"),  # MLflow: states the expected schema
     "null": ({"inputs": None}, ""),
     "dict_not_list": ({"inputs": {"pixels": [1, 2]}}, ""),
     "unknown_key": ({"pixels": [_image()]}, "inputs"),
@@ -182,3 +182,54 @@ def test_serve_accepts_only_registry_uris_or_local_model_dirs(tmp_path, tracking
         serve.resolve_servable("runs:/0123/model")
     with pytest.raises(UserError, match="Refusing to serve"):
         serve.resolve_servable(str(tmp_path))
+
+
+def _write_pngs(directory, images):
+    from PIL import Image
+
+    directory.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(directory / f"img{i:03d}.png")
+    return directory
+
+
+def test_client_prints_class_names_for_idx_and_png(server, test_images, tmp_path):
+    url, _ = server
+    idx = SAMPLE_DIR / "FashionMNIST/raw/t10k-images-idx3-ubyte"
+    pngs = _write_pngs(tmp_path / "pngs", test_images.images[:5])
+    result = subprocess.run([os.path.join(os.path.dirname(os.sys.executable), "python"), "-m",
+                             "lightcycle.client", "--url", url, str(idx), str(pngs)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 185
+    labels = [line.split("\t")[1] for line in lines]
+    assert set(labels) <= set(data.CLASS_NAMES)
+    assert labels[180:] == labels[:5]  # the PNGs are the first five IDX images
+
+
+def test_predict_entry_point_writes_and_logs_csv(champion, tracking_uri, experiment, test_images,
+                                                 tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame(test_images.images.reshape(180, -1)[:40])
+    frame.columns = [f"px{i}" for i in range(784)]
+    frame.to_parquet(tmp_path / "pixels.parquet")
+    out = tmp_path / "predictions.csv"
+    check(mlflow_run("predict", {"model_uri": champion, "input": tmp_path / "pixels.parquet",
+                                 "output": out}, experiment))
+    table = pd.read_csv(out)
+    assert len(table) == 40
+    assert {"name", "class_id", "label", "p_bag", "p_ankle_boot"} <= set(table.columns)
+    probability_columns = [c for c in table.columns if c.startswith("p_")]
+    np.testing.assert_allclose(table[probability_columns].sum(1), 1.0, atol=1e-5)
+    run = mlflow.MlflowClient().search_runs([experiment])[0]
+    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "predictions")] \
+        == ["predictions/predictions.csv"]
+
+
+def test_predict_refuses_unknown_input_clearly(champion, tracking_uri, experiment, tmp_path):
+    result = mlflow_run("predict", {"model_uri": champion, "input": tmp_path / "nope.idx"},
+                        experiment)
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr

@@ -49,7 +49,7 @@ def test_hyperparameters_and_autolog_params(trained, tracking_uri):
     for key in ("model", "epochs", "batch_size", "learning_rate", "seed", "precision",
                 "data_dir", "devices", "strategy", "weight_decay", "net_parameters"):
         assert key in params, key
-    assert params["lr"] == params["learning_rate"] == "0.003"  # autolog kept its params
+    assert params["lr"] == params["learning_rate"] == "0.005"  # autolog kept its params
     assert params["optimizer_name"] == "AdamW"
 
 

@@ -122,7 +122,10 @@ def register_model(
     except MlflowException as exc:
         if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
             raise
-    mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+    # Over REST, a models:/m-<id> source must name its logged model explicitly.
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags,
+                                     model_id=model_id)
     try:
         return wait_until_ready(client, name, mv.version), True
     except BaseException:

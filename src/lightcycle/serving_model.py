@@ -18,8 +18,12 @@ DEFAULT_MAX_BATCH = 1024
 
 
 class InputError(MlflowException):
+    """Answered as HTTP 400 by the scoring server (an unknown error code would be a 500)."""
+
     def __init__(self, message: str) -> None:
-        super().__init__(message, error_code="INVALID_PARAMETER_VALUE")
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def validate_pixels(batch, max_batch: int = DEFAULT_MAX_BATCH) -> np.ndarray:

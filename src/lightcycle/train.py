@@ -28,9 +28,9 @@ PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 @dataclass
 class TrainConfig:
     model: str = "cnn"
-    epochs: int = 15
-    batch_size: int = 64
-    learning_rate: float = 0.003
+    epochs: int = 40
+    batch_size: int = 32
+    learning_rate: float = 0.005
     weight_decay: float = 0.0001
     seed: int = 42
     data_dir: str = str(data.default_data_dir())

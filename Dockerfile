@@ -1,0 +1,66 @@
+# Serving image for the lightcycle deployable (an MLflow pyfunc over a TorchScript archive).
+#
+# The model is NOT in the image: the entry point loads it at start from MODEL_URI, either a
+# registry URI (with MLFLOW_TRACKING_URI) or a model directory mounted into the container.
+#
+#   docker build -t lightcycle-serve .
+#   docker run --rm -p 127.0.0.1:8080:8080 \
+#       -e MLFLOW_TRACKING_URI=http://tracking.example:5000 \
+#       -e MODEL_URI=models:/lightcycle-fashion-scripted@champion lightcycle-serve
+#
+# Needs BuildKit (Docker >= 23 default) or podman/buildah for `RUN --mount`.
+# Build-time-only files: docker/build-extras/ca-bundle.pem (CA bundle for an HTTPS-intercepting
+# proxy) and docker/build-extras/wheels/ (local wheels, e.g. a CPU torch) are bind-mounted into
+# the install step when present and never end up in a layer. Do not commit that directory.
+
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+# CPU-only torch: PyTorch's CPU wheel index has no CUDA builds and no nvidia-* dependencies.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.14.1
+# mlflow-skinny serves pyfunc models (FastAPI + uvicorn) without the tracking server's
+# dependencies (Flask, SQLAlchemy, scikit-learn, pyarrow, matplotlib, ...).
+ARG MLFLOW_VERSION=3.17.2
+ARG NUMPY_VERSION=2.4.6
+ARG PANDAS_VERSION=2.3.3
+
+LABEL org.opencontainers.image.title="lightcycle-serve" \
+      org.opencontainers.image.description="MLflow scoring server for the lightcycle FashionMNIST classifier (CPU)"
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# One layer: venv, CPU torch, serving deps. Headers, CMake files and the test/benchmark helpers
+# in torch are only needed to compile extensions, never to run a TorchScript model.
+RUN --mount=type=bind,source=docker,target=/tmp/docker \
+    extras=/tmp/docker/build-extras \
+ && if [ -f "$extras/ca-bundle.pem" ]; then export PIP_CERT="$extras/ca-bundle.pem"; fi \
+ && if [ -d "$extras/wheels" ]; then export PIP_FIND_LINKS="$extras/wheels"; fi \
+ && python3 -m venv /opt/venv \
+ && pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}" \
+ && pip install --no-cache-dir "mlflow-skinny==${MLFLOW_VERSION}" \
+        "numpy==${NUMPY_VERSION}" "pandas==${PANDAS_VERSION}" \
+ && python -c "import torch, sys; sys.exit(torch.version.cuda and 'CUDA build of torch %s: use a CPU wheel index' % torch.__version__)" \
+ && rm -rf /opt/venv/lib/python3*/site-packages/torch/include \
+           /opt/venv/lib/python3*/site-packages/torch/share/cmake
+
+RUN groupadd --system --gid 10001 app \
+ && useradd --system --no-log-init --uid 10001 --gid app --create-home --home-dir /home/app \
+        --shell /usr/sbin/nologin app
+
+COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/lightcycle-serve
+
+USER 10001:10001
+WORKDIR /home/app
+
+# Run-time settings (see docker/entrypoint.sh): MODEL_URI, MLFLOW_TRACKING_URI (+ its auth
+# variables), PORT, HOST, MLFLOW_MODELS_WORKERS. No default tracking URI and no credentials here.
+ENV PORT=8080
+EXPOSE 8080
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=90s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ping' % os.environ.get('PORT', '8080'), timeout=4)"]
+
+ENTRYPOINT ["lightcycle-serve"]

@@ -1,0 +1,89 @@
+"""Epoch time: `lightcycle.train` (Lightning) vs a plain PyTorch loop, same net/data/threads.
+
+    .venv/bin/python bench/bench_epoch.py [--epochs 6]
+
+Both sides run the same CNN, the same DataLoader over the same sample, the same augmentation,
+AdamW + OneCycle, per-epoch validation; Lightning side without MLflow (its overhead is
+measured separately by bench_log_model.py). First epoch is warm-up and not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from common import save
+from lightcycle import data
+from lightcycle.classifier import FashionClassifier
+from lightcycle.datamodule import FashionMNISTDataModule, augment
+from lightcycle.nets import build_net
+
+
+class EpochTimer(L.Callback):
+    def __init__(self):
+        self.times = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.times.append(time.perf_counter() - self.start)
+
+
+def lightning_epochs(epochs: int) -> list[float]:
+    L.seed_everything(0, verbose=False)
+    dm = FashionMNISTDataModule(str(data.default_data_dir()), batch_size=32)
+    timer = EpochTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[timer], default_root_dir=tmp,
+                            num_sanity_val_steps=0)
+        trainer.fit(FashionClassifier(learning_rate=0.005), datamodule=dm)
+    return timer.times
+
+
+def plain_epochs(epochs: int) -> list[float]:
+    torch.manual_seed(0)
+    dm = FashionMNISTDataModule(str(data.default_data_dir()), batch_size=32)
+    dm.setup()
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    net = build_net("cnn")
+    opt = torch.optim.AdamW(net.parameters(), lr=0.005, weight_decay=0.0001)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.005, total_steps=epochs * len(train))
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        net.train()
+        for images, labels in train:
+            loss = F.cross_entropy(net(augment(images)), labels, label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        net.eval()
+        with torch.no_grad():
+            for images, labels in val:
+                F.cross_entropy(net(images), labels)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=6)
+    epochs = parser.parse_args().epochs
+    plain = statistics.median(plain_epochs(epochs)[1:])
+    lit = statistics.median(lightning_epochs(epochs)[1:])
+    save("epoch", {"plain_epoch_s": round(plain, 3), "lightning_epoch_s": round(lit, 3),
+                   "ratio": round(lit / plain, 3), "goal_ratio": 1.10})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Time to log one model version (eager, with explicit requirements) and to register it.
+
+    .venv/bin/python bench/bench_log_model.py
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import mlflow
+
+from common import save
+from lightcycle import model_io
+from lightcycle.nets import build_net
+
+
+def main(repeats: int = 5):
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.set_tracking_uri(f"sqlite:///{os.path.join(tmp, 'mlflow.db')}")
+        mlflow.set_experiment("bench")
+        net = build_net("cnn").eval()
+        log_times, register_times = [], []
+        with mlflow.start_run():
+            model_io.log_eager_model(net, name="warmup")
+            for i in range(repeats):
+                start = time.perf_counter()
+                info = model_io.log_eager_model(net, name=f"model{i}")
+                log_times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                mlflow.register_model(info.model_uri, "bench-model")
+                register_times.append(time.perf_counter() - start)
+    save("log_model", {"log_model_s_median": round(statistics.median(log_times), 3),
+                       "log_model_s_max": round(max(log_times), 3),
+                       "register_s_median": round(statistics.median(register_times), 3),
+                       "goal_s": 1.0})
+
+
+if __name__ == "__main__":
+    main()

