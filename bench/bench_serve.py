@@ -108,8 +108,11 @@ def main():
     net = build_net("cnn").eval()
     figures = {"in_process_images_per_s": {}}
     for name, module in variants(net).items():
-        figures["in_process_images_per_s"][name] = {
-            "batch1": round(throughput(module, 1)), "batch64": round(throughput(module, 64))}
+        try:
+            figures["in_process_images_per_s"][name] = {
+                "batch1": round(throughput(module, 1)), "batch64": round(throughput(module, 64))}
+        except RuntimeError as exc:  # the chain's parity check drops such a stage the same way
+            figures["in_process_images_per_s"][name] = f"fails at run time: {str(exc)[-120:]}"
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,7 +125,8 @@ def main():
                                                "max_batch": export.MAX_BATCH},
                                  pip_requirements=["torch", "numpy", "pandas"])
         figures["served"] = served(model_dir)
-    best = max(v["batch64"] for v in figures["in_process_images_per_s"].values())
+    best = max(v["batch64"] for v in figures["in_process_images_per_s"].values()
+               if isinstance(v, dict))
     figures["served_vs_best_in_process_batch64"] = round(figures["served"]["batch64_images_per_s"] / best, 3)
     figures["goals"] = {"served_vs_best_in_process_batch64": 0.5, "batch1_p50_ms": 4,
                         "batch1_p99_ms": 15, "cold_start_s": 8}
