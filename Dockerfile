@@ -32,8 +32,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# One layer: venv, CPU torch, serving deps. Headers, CMake files and the test/benchmark helpers
-# in torch are only needed to compile extensions, never to run a TorchScript model.
+# One layer: venv, CPU torch, serving deps. Then drop what serving never uses: torch's C++
+# headers and CMake files (for compiling extensions), its C++ test binaries and protoc.
 RUN --mount=type=bind,source=docker,target=/tmp/docker \
     extras=/tmp/docker/build-extras \
  && if [ -f "$extras/ca-bundle.pem" ]; then export PIP_CERT="$extras/ca-bundle.pem"; fi \
@@ -43,8 +43,9 @@ RUN --mount=type=bind,source=docker,target=/tmp/docker \
  && pip install --no-cache-dir "mlflow-skinny==${MLFLOW_VERSION}" \
         "numpy==${NUMPY_VERSION}" "pandas==${PANDAS_VERSION}" \
  && python -c "import torch, sys; sys.exit(torch.version.cuda and 'CUDA build of torch %s: use a CPU wheel index' % torch.__version__)" \
- && rm -rf /opt/venv/lib/python3*/site-packages/torch/include \
-           /opt/venv/lib/python3*/site-packages/torch/share/cmake
+ && torch_dir=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/torch \
+ && rm -rf "$torch_dir/include" "$torch_dir/share/cmake" \
+ && find "$torch_dir/bin" -type f \( -name 'test_*' -o -name '*Test' -o -name 'protoc*' \) -delete
 
 RUN groupadd --system --gid 10001 app \
  && useradd --system --no-log-init --uid 10001 --gid app --create-home --home-dir /home/app \
