@@ -15,7 +15,6 @@ import numpy as np
 from mlflow import MlflowClient
 
 from lightcycle import data, registry, tracking
-from lightcycle.errors import UserError
 
 TAG_DECISION = "lightcycle.gate.decision"
 TAG_ACCURACY = "lightcycle.gate.accuracy"
@@ -106,9 +105,3 @@ def promote(
         client.set_registered_model_alias(model_name, registry.CHAMPION, candidate.version)
     return GateResult(candidate, accuracy, champion, champion_accuracy, promoted, reason)
 
-
-def require_champion(model_name: str) -> registry.ModelRef:
-    ref = registry.alias_version(MlflowClient(), model_name, registry.CHAMPION)
-    if ref is None:
-        raise UserError(f"{model_name} has no champion yet: run `mlflow run .` first.")
-    return registry.ModelRef(model_name, ref.version)

@@ -140,7 +140,7 @@ def _train_and_log(cfg, trainer, module, datamodule, log_dir) -> str:
             silent=True,
         )
         tracking.log_params_once({
-            **{k: v for k, v in dataclasses.asdict(cfg).items()},
+            **dataclasses.asdict(cfg),
             "net_parameters": sum(p.numel() for p in module.net.parameters()),
         })
         mlflow.set_tag(tracking.TAG_DATA_DIGEST, digest)
