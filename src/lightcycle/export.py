@@ -192,7 +192,7 @@ def log_deployable(module: torch.jit.ScriptModule, method: str, source: registry
             model_config={"class_names": list(data.CLASS_NAMES), "max_batch": MAX_BATCH},
             signature=signature,
             input_example=model_io.input_example(),
-            pip_requirements=model_io.torch_requirements() + [f"pandas=={model_io._version('pandas')}"],
+            pip_requirements=model_io.torch_requirements() + [f"pandas=={model_io.package_version('pandas')}"],
             metadata=model_io.model_metadata(
                 format="torchscript", conversion=method, source_version=source.uri,
                 parity_max_abs_diff=parity.max_abs_diff, test_accuracy=accuracy,

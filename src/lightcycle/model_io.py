@@ -11,16 +11,16 @@ from lightcycle.data import CLASS_NAMES
 INPUT_SHAPE = (-1, 1, 28, 28)
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     # Local builds carry a suffix ("2.14.1+cpu"); requirements want the release.
     return importlib.metadata.version(package).split("+")[0]
 
 
 def torch_requirements(with_torchvision: bool = False) -> list[str]:
     """Explicit pins: inferring requirements costs 8-15 s per logged model."""
-    reqs = [f"torch=={_version('torch')}", f"numpy=={_version('numpy')}"]
+    reqs = [f"torch=={package_version('torch')}", f"numpy=={package_version('numpy')}"]
     if with_torchvision:
-        reqs.append(f"torchvision=={_version('torchvision')}")
+        reqs.append(f"torchvision=={package_version('torchvision')}")
     return reqs
 
 

@@ -73,11 +73,9 @@ def promote(
     if champion and champion.version != candidate.version:
         champion_accuracy = pyfunc_accuracy(champion.uri, split)
     promoted, reason = decide(accuracy, min_accuracy, champion_accuracy)
-    if champion and champion.version == candidate.version:
+    already_champion = champion is not None and champion.version == candidate.version
+    if already_champion:
         promoted, reason = False, f"version {candidate.version} already holds champion ({reason})"
-        accuracy_kept = True
-    else:
-        accuracy_kept = False
 
     run_id = mlflow.active_run().info.run_id
     metrics = {"gate_accuracy": accuracy, "gate_min_accuracy": min_accuracy,
@@ -90,7 +88,7 @@ def promote(
                      "lightcycle.gate.candidate": candidate.uri,
                      tracking.TAG_OUTPUT_URI: candidate.uri})
     decision_tags = {
-        TAG_DECISION: "promoted" if promoted else ("champion" if accuracy_kept else "rejected"),
+        TAG_DECISION: "promoted" if promoted else ("champion" if already_champion else "rejected"),
         TAG_ACCURACY: f"{accuracy:.6g}",
         TAG_MIN_ACCURACY: f"{min_accuracy:g}",
         TAG_CHAMPION_ACCURACY: "" if champion_accuracy is None else f"{champion_accuracy:.6g}",
