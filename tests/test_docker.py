@@ -132,7 +132,7 @@ def _save_kwargs(archive: Path) -> dict:
         model_config={"class_names": list(data.CLASS_NAMES), "max_batch": 1024},
         signature=signature,
         pip_requirements=model_io.torch_requirements()
-        + [f"pandas=={model_io._version('pandas')}"],
+        + [f"pandas=={model_io.package_version('pandas')}"],
     )
 
 
