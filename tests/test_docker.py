@@ -36,16 +36,11 @@ from lightcycle import data
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 ENTRYPOINT = PROJECT_ROOT / "docker" / "entrypoint.sh"
 ENGINE_TOOL = PROJECT_ROOT.parent / "shared" / "tools" / "container-engine"
-# The deployable's pyfunc code (lightcycle.export.SERVING_MODEL_CODE, without importing export).
-SERVING_MODEL_CODE = Path(data.__file__).with_name("serving_model.py")
 LOCAL_BASE_IMAGE = "localhost/python-base:bookworm"
 IMAGE_TAG = "lightcycle-serve:test"
 MIN_ACCURACY = 0.5  # the cnn below reaches about 0.7 on the 180 sample test images
 MAX_PROB_DIFF = 1e-4  # served (maybe another torch) vs this process's TorchScript run
 
-# The deployable is logged without an input example, as the chain does. (MLflow's "Add type
-# hints" warning cannot be filtered from here: MLflow resets the filters around it.)
-pytestmark = pytest.mark.filterwarnings("ignore:.*An input example was not provided")
 
 
 # ---------------------------------------------------------------- helpers
@@ -113,27 +108,11 @@ def _train_cnn(epochs: int = 3):
     return net.eval()
 
 
-def _save_kwargs(archive: Path) -> dict:
-    """What lightcycle.export.log_deployable passes: same code, artifact, config, signature."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-    from mlflow.types.schema import Array, ColSpec
+def _deployable_kwargs(archive: Path) -> dict:
+    """Exactly what the chain logs (lightcycle.export), minus the run and registry."""
+    from lightcycle import export
 
-    from lightcycle import model_io
-
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), model_io.INPUT_SHAPE)]),
-        outputs=Schema([ColSpec("long", "class_id"), ColSpec("string", "label"),
-                        ColSpec(Array("double"), "probabilities")]),
-    )
-    return dict(
-        python_model=str(SERVING_MODEL_CODE),
-        artifacts={"torchscript": str(archive)},
-        model_config={"class_names": list(data.CLASS_NAMES), "max_batch": 1024},
-        signature=signature,
-        pip_requirements=model_io.torch_requirements()
-        + [f"pandas=={model_io.package_version('pandas')}"],
-    )
+    return export.deployable_model_kwargs(str(archive), "torchscript")
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +136,7 @@ def served_model(tmp_path_factory):
         probabilities = torch.softmax(loaded(torch.from_numpy(pixels)), dim=1).double().numpy()
 
     model_dir = root / "model"
-    mlflow.pyfunc.save_model(str(model_dir), **_save_kwargs(archive))
+    mlflow.pyfunc.save_model(str(model_dir), **_deployable_kwargs(archive))
     # The container runs as uid 10001: the mounted files must be world-readable.
     for path in [model_dir, *model_dir.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
@@ -445,7 +424,7 @@ def test_container_serves_the_registry_champion(engine, image, served_model, tra
     name = f"docker-{uuid.uuid4().hex[:8]}-scripted"
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
-                                       **_save_kwargs(served_model["archive"]))
+                                       **_deployable_kwargs(served_model["archive"]))
     version = info.registered_model_version
     MlflowClient().set_registered_model_alias(name, "champion", version)
 

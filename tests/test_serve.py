@@ -82,6 +82,14 @@ def test_integer_pixels_are_accepted(server, test_images):
     assert response.status_code == 200, response.text
 
 
+def test_images_without_channel_axis_get_the_same_answers(server, test_images):
+    url, _ = server
+    with_channel = invoke(url, {"inputs": test_images.images[:8, None].tolist()})
+    without = invoke(url, {"inputs": test_images.images[:8].tolist()})
+    assert without.status_code == 200, without.text
+    assert without.json() == with_channel.json()
+
+
 def test_plain_mlflow_models_serve_gives_the_same_answers(server, champion, tracking_server,
                                                           test_images, tmp_path):
     url, _ = server
@@ -110,16 +118,18 @@ BAD_INPUTS = {
     "pixel_below_0": ({"inputs": [_image(-1.0)]}, "[0, 255]"),
     "nan": ('{"inputs": [[[' + ",".join(["[" + ",".join(["NaN"] * 28) + "]"] * 28) + "]]]}", "NaN"),
     "infinity": ('{"inputs": [[[' + ",".join(["[" + ",".join(["Infinity"] * 28) + "]"] * 28) + "]]]}", "Infinity"),
-    "strings": ({"inputs": [[[["a"] * 28] * 28]]}, "could not convert"),
+    "strings": ({"inputs": [[[["a"] * 28] * 28]]}, "type <U1"),
+    "booleans": ({"inputs": [[[[True] * 28] * 28]]}, "type bool"),
     "ragged": ({"inputs": [[[[0.0] * 28] * 27 + [[0.0] * 5]]]}, "inhomogeneous"),
-    "empty_batch": ({"inputs": []}, "(-1, 1, 28, 28)"),  # MLflow: states the expected schema
-    "null": ({"inputs": None}, ""),
-    "dict_not_list": ({"inputs": {"pixels": [1, 2]}}, ""),
+    "empty_batch": ({"inputs": []}, "empty batch"),
+    "empty_images": ({"inputs": [[]]}, "shape (1, 0)"),
+    "null": ({"inputs": None}, "Got null"),
+    "dict_not_list": ({"inputs": {"pixels": [1, 2]}}, "named inputs"),
     "unknown_key": ({"pixels": [_image()]}, "inputs"),
     "two_keys": ({"inputs": [_image()], "instances": [_image()]}, "inputs"),
     "not_json": ("this is {not json", "JSON"),
     "empty_body": ("", ""),
-    "scalar": ({"inputs": 5}, ""),
+    "scalar": ({"inputs": 5}, "shape ()"),
     "batch_too_large": ({"inputs": [_image()] * 1025}, "at most 1024"),
 }
 

@@ -168,34 +168,30 @@ def publish(
     return Deployable(source, registry.ModelRef(name, mv.version), parity, stage, run_id)
 
 
+def deployable_model_kwargs(archive: str, artifact: str) -> dict:
+    """The pyfunc around a converted archive; `artifact` names its format for the loader."""
+    return dict(
+        python_model=str(SERVING_MODEL_CODE),
+        artifacts={artifact: archive},
+        model_config={"class_names": list(data.CLASS_NAMES), "max_batch": MAX_BATCH},
+        signature=model_io.deployable_signature(),
+        input_example=model_io.input_example(),
+        pip_requirements=model_io.torch_requirements()
+        + [f"pandas=={model_io.package_version('pandas')}"],
+    )
+
+
 def log_deployable(module: torch.jit.ScriptModule, method: str, source: registry.ModelRef,
                    parity: Parity, accuracy: float):
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-    from mlflow.types.schema import Array, ColSpec
-
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), model_io.INPUT_SHAPE)]),
-        outputs=Schema([
-            ColSpec("long", "class_id"),
-            ColSpec("string", "label"),
-            ColSpec(Array("double"), "probabilities"),
-        ]),
-    )
     with tempfile.TemporaryDirectory(prefix="lightcycle-ts-") as tmp:
         archive = os.path.join(tmp, "model.pt")
         torch.jit.save(module, archive)
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(SERVING_MODEL_CODE),
-            artifacts={"torchscript": archive},
-            model_config={"class_names": list(data.CLASS_NAMES), "max_batch": MAX_BATCH},
-            signature=signature,
-            input_example=model_io.input_example(),
-            pip_requirements=model_io.torch_requirements() + [f"pandas=={model_io.package_version('pandas')}"],
+            **deployable_model_kwargs(archive, "torchscript"),
             metadata=model_io.model_metadata(
                 format="torchscript", conversion=method, source_version=source.uri,
                 parity_max_abs_diff=parity.max_abs_diff, test_accuracy=accuracy,
-                max_batch=MAX_BATCH,
+                max_batch=MAX_BATCH, input=model_io.SERVING_INPUT,
             ),
         )

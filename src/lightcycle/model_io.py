@@ -40,6 +40,23 @@ def logits_signature():
     )
 
 
+SERVING_INPUT = "raw pixels 0-255, (N, 1, 28, 28) or (N, 28, 28), JSON numbers"
+
+
+def deployable_signature():
+    """Outputs only: the serving wrapper checks inputs itself, because a tensor schema would
+    refuse the (N, 28, 28) form of the contract before the wrapper sees it."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema
+    from mlflow.types.schema import Array, ColSpec
+
+    return ModelSignature(outputs=Schema([
+        ColSpec("long", "class_id"),
+        ColSpec("string", "label"),
+        ColSpec(Array("double"), "probabilities"),
+    ]))
+
+
 def model_metadata(**extra) -> dict:
     return {"class_names": list(CLASS_NAMES), "input": "raw pixels 0-255, float32, (N, 1, 28, 28)",
             **extra}

@@ -1,9 +1,10 @@
 """The deployable's pyfunc: a TorchScript archive behind a strict raw-pixel input contract.
 
 This file is logged with the model ("models from code"), so it must stand alone: it imports
-only numpy, pandas, torch and mlflow, never the rest of `lightcycle`. MLflow's schema checks
-dtype and shape; this wrapper checks values (range, NaN/Inf, batch size), which schema
-enforcement does not, and turns logits into probabilities and class names.
+only numpy, pandas, torch and mlflow, never the rest of `lightcycle`. The signature declares
+no input schema on purpose: MLflow's tensor schema pins one rank, and the contract accepts
+both (N, 1, 28, 28) and (N, 28, 28). So this wrapper owns the whole input check (type, shape,
+range, NaN/Inf, batch size) and turns logits into probabilities and class names.
 """
 
 from __future__ import annotations
@@ -26,32 +27,42 @@ class InputError(MlflowException):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
+EXPECTED = ("expected raw pixels 0-255 with shape (N, 1, 28, 28) or (N, 28, 28), "
+            'sent as {"inputs": [...]}')
+
+
 def validate_pixels(batch, max_batch: int = DEFAULT_MAX_BATCH) -> np.ndarray:
     """Return `batch` as float32 (N, 1, 28, 28) or raise InputError saying what is wrong."""
-    expected = "expected raw pixels 0-255 as float32 with shape (N, 1, 28, 28)"
+    if batch is None:
+        raise InputError(f"Got null; {EXPECTED}.")
+    if isinstance(batch, dict):
+        raise InputError(f"Got named inputs {sorted(batch)[:5]}; {EXPECTED} (a list, not an object).")
     if isinstance(batch, pd.DataFrame):
-        raise InputError(f"Got a table with columns {list(batch.columns)[:5]}; {expected} "
-                         'sent as {"inputs": [...]}.')
+        raise InputError(f"Got a table with columns {list(batch.columns)[:5]}; {EXPECTED}.")
     array = np.asarray(batch)
-    if array.dtype == object or not np.issubdtype(array.dtype, np.number):
-        raise InputError(f"Got values of type {array.dtype}; {expected}.")
+    if array.dtype == object and array.ndim == 0 and array.item() is None:
+        raise InputError(f"Got null; {EXPECTED}.")  # the scoring server wraps null in an array
+    if array.dtype == object or array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+        raise InputError(f"Got values of type {array.dtype}; {EXPECTED}.")
+    if array.size == 0 and array.ndim <= 1:
+        raise InputError(f"Got an empty batch; {EXPECTED} with N >= 1.")
     if array.ndim == 3:
         array = array[:, None]
     if array.ndim != 4 or array.shape[1:] != (1, 28, 28):
-        raise InputError(f"Got shape {array.shape}; {expected}.")
+        raise InputError(f"Got shape {array.shape}; {EXPECTED}.")
     n = array.shape[0]
     if n == 0:
-        raise InputError(f"Got an empty batch; {expected} with N >= 1.")
+        raise InputError(f"Got an empty batch; {EXPECTED} with N >= 1.")
     if n > max_batch:
         raise InputError(f"Got a batch of {n} images; at most {max_batch} per request. "
                          "Split the batch.")
     finite = np.isfinite(array)
     if not finite.all():
         where = tuple(int(i) for i in np.argwhere(~finite)[0])
-        raise InputError(f"Got a non-finite value (NaN or Infinity) at index {where}; {expected}.")
+        raise InputError(f"Got a non-finite value (NaN or Infinity) at index {where}; {EXPECTED}.")
     low, high = float(array.min()), float(array.max())
     if low < 0 or high > 255:
-        raise InputError(f"Got pixel values in [{low:g}, {high:g}]; {expected} in [0, 255] "
+        raise InputError(f"Got pixel values in [{low:g}, {high:g}]; {EXPECTED}, in [0, 255] "
                          "(do not normalize on the client).")
     return array.astype(np.float32, copy=False)
 
