@@ -1,18 +1,24 @@
-"""Inference speed in-process (eager / scripted / frozen / optimize_for_inference) and served.
+"""Inference speed in-process (eager / scripted / frozen / optimize_for_inference / pt2) and served.
 
-    PATH=.venv/bin:$PATH .venv/bin/python bench/bench_serve.py
+    PATH=.venv/bin:$PATH .venv/bin/python bench/bench_serve.py [--seconds 3] [--skip-served]
 
-Served figures use `mlflow models serve` on a deployable saved exactly as the chain logs it
-(TorchScript archive + serving_model.py), one client with keep-alive, on this same machine.
+In-process: every (variant, batch size) pair gets a freshly converted module, 20 warm-up calls
+at that batch size and then `--seconds` of calls, so TorchScript's profiling executor never sees
+a second shape (which would make it re-specialize and measure that instead).
+
+Served: `mlflow models serve` on a deployable saved exactly as the chain logs it
+(lightcycle.export.deployable_model_kwargs), one client with keep-alive, on this same machine,
+once per format. Then the batch-64 request is split into its parts in-process (JSON parse,
+list -> ndarray, predict, response JSON) to show where the served time goes.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,13 +37,16 @@ from lightcycle.nets import build_net
 warnings.simplefilter("ignore", FutureWarning)
 
 
-def throughput(fn, batch: int, seconds: float = 3.0) -> float:
-    x = torch.from_numpy(data.load_split(data.default_data_dir(), "test").images[:batch, None]
-                         .astype(np.float32))
-    if len(x) < batch:
-        x = x.repeat(batch // len(x) + 1, 1, 1, 1)[:batch]
+def batch_of(size: int) -> torch.Tensor:
+    images = data.load_split(data.default_data_dir(), "test").images
+    images = np.concatenate([images] * (size // len(images) + 1))[:size]
+    return torch.from_numpy(images[:, None].astype(np.float32))
+
+
+def throughput(fn, batch: int, seconds: float) -> float:
+    x = batch_of(batch)
     with torch.inference_mode():
-        for _ in range(10):
+        for _ in range(20):
             fn(x)
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
@@ -46,21 +55,44 @@ def throughput(fn, batch: int, seconds: float = 3.0) -> float:
     return n * batch / (time.perf_counter() - start)
 
 
-def variants(net):
-    scripted = torch.jit.script(net)
-    frozen = torch.jit.freeze(torch.jit.script(net))
-    out = {"eager": net, "scripted": scripted, "frozen": frozen}
-    try:
-        out["optimize_for_inference"] = torch.jit.optimize_for_inference(torch.jit.script(net))
-    except RuntimeError as exc:
-        print("optimize_for_inference failed:", exc)
-    return out
+def factories(net) -> dict:
+    def program():
+        return export.roundtrip_program(export.convert(net, "export", batch_of(2))).module()
+
+    return {
+        "eager": lambda: net,
+        "scripted": lambda: export.roundtrip(torch.jit.script(net)),
+        "frozen": lambda: export.roundtrip(torch.jit.freeze(torch.jit.script(net))),
+        "optimize_for_inference": lambda: export.roundtrip(
+            torch.jit.optimize_for_inference(torch.jit.script(net))),
+        "pt2": program,
+    }
+
+
+def in_process(net, seconds: float) -> dict:
+    figures = {}
+    for name, make in factories(net).items():
+        row = {}
+        for batch in (1, 64):
+            try:
+                row[f"batch{batch}"] = round(throughput(make(), batch, seconds))
+            except RuntimeError as exc:  # the chain's parity check drops such a stage the same way
+                row = f"fails at run time: {str(exc).splitlines()[0][:160]}"
+                break
+        figures[name] = row
+        print(name, row, flush=True)
+    return figures
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def bodies() -> tuple[str, str]:
+    images = batch_of(64).numpy()
+    return json.dumps({"inputs": images[:1].tolist()}), json.dumps({"inputs": images.tolist()})
 
 
 def served(model_dir: str) -> dict:
@@ -71,9 +103,7 @@ def served(model_dir: str) -> dict:
                              "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}/invocations"
-    images = data.load_split(data.default_data_dir(), "test").images.astype(np.float32)
-    one = json.dumps({"inputs": images[:1, None].tolist()})
-    many = json.dumps({"inputs": np.concatenate([images, images])[:64, None].tolist()})
+    one, many = bodies()
     headers = {"Content-Type": "application/json"}
     try:
         with requests.Session() as session:
@@ -82,7 +112,7 @@ def served(model_dir: str) -> dict:
                     if session.post(url, data=one, headers=headers, timeout=5).status_code == 200:
                         break
                 except requests.RequestException:
-                    time.sleep(0.1)
+                    time.sleep(0.05)
             cold_start = time.perf_counter() - start
             latencies = []
             for _ in range(500):
@@ -100,34 +130,62 @@ def served(model_dir: str) -> dict:
     latencies.sort()
     return {"cold_start_s": round(cold_start, 2), "batch1_p50_ms": round(latencies[249], 2),
             "batch1_p99_ms": round(latencies[494], 2), "batch64_images_per_s": round(batch64),
-            "clients": 1}
+            "batch64_ms_per_request": round(64_000 / batch64, 2), "clients": 1}
+
+
+def breakdown(model_dir: str, repeats: int = 50) -> dict:
+    """Milliseconds per batch-64 request for each part the scoring server does in-process."""
+    import mlflow.pyfunc
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+    import io
+
+    model = mlflow.pyfunc.load_model(model_dir)
+    _, many = bodies()
+    parts = {"json_parse": lambda: json.loads(many)}
+    parsed = json.loads(many)
+    parts["to_ndarray"] = lambda: np.asarray(parsed["inputs"], dtype=np.float32)
+    array = np.asarray(parsed["inputs"], dtype=np.float32)
+    parts["pyfunc_predict"] = lambda: model.predict(array)
+    prediction = model.predict(array)
+    parts["response_json"] = lambda: predictions_to_json(prediction, io.StringIO())
+    out = {}
+    for name, fn in parts.items():
+        for _ in range(5):
+            fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        out[name] = round((time.perf_counter() - start) / repeats * 1000, 2)
+    out["sum"] = round(sum(out.values()), 2)
+    return out
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--skip-served", action="store_true")
+    args = parser.parse_args()
+    import mlflow.pyfunc
+
     torch.manual_seed(0)
     net = build_net("cnn").eval()
-    figures = {"in_process_images_per_s": {}}
-    for name, module in variants(net).items():
-        try:
-            figures["in_process_images_per_s"][name] = {
-                "batch1": round(throughput(module, 1)), "batch64": round(throughput(module, 64))}
-        except RuntimeError as exc:  # the chain's parity check drops such a stage the same way
-            figures["in_process_images_per_s"][name] = f"fails at run time: {str(exc)[-120:]}"
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = os.path.join(tmp, "model.pt")
-        torch.jit.save(torch.jit.freeze(torch.jit.script(net)), archive)
-        model_dir = os.path.join(tmp, "model")
-        mlflow.pyfunc.save_model(model_dir, python_model=str(export.SERVING_MODEL_CODE),
-                                 artifacts={"torchscript": archive},
-                                 model_config={"class_names": list(data.CLASS_NAMES),
-                                               "max_batch": export.MAX_BATCH},
-                                 pip_requirements=["torch", "numpy", "pandas"])
-        figures["served"] = served(model_dir)
+    figures = {"in_process_images_per_s": in_process(net, args.seconds)}
     best = max(v["batch64"] for v in figures["in_process_images_per_s"].values()
                if isinstance(v, dict))
-    figures["served_vs_best_in_process_batch64"] = round(figures["served"]["batch64_images_per_s"] / best, 3)
+    if not args.skip_served:
+        for fmt, converted in (("torchscript", torch.jit.freeze(torch.jit.script(net))),
+                               ("pt2", export.convert(net, "export", batch_of(2)))):
+            with tempfile.TemporaryDirectory() as tmp:
+                archive = os.path.join(tmp, "model.pt2" if fmt == "pt2" else "model.pt")
+                export.save_archive(converted, archive)
+                model_dir = os.path.join(tmp, "model")
+                mlflow.pyfunc.save_model(model_dir, **export.deployable_model_kwargs(archive, fmt))
+                figures[f"served_{fmt}"] = served(model_dir)
+                figures[f"served_{fmt}"]["vs_best_in_process_batch64"] = round(
+                    figures[f"served_{fmt}"]["batch64_images_per_s"] / best, 3)
+                figures[f"batch64_breakdown_ms_{fmt}"] = breakdown(model_dir)
+                print(fmt, figures[f"served_{fmt}"], figures[f"batch64_breakdown_ms_{fmt}"],
+                      flush=True)
     figures["goals"] = {"served_vs_best_in_process_batch64": 0.5, "batch1_p50_ms": 4,
                         "batch1_p99_ms": 15, "cold_start_s": 8}
     save("serve", figures)

@@ -21,7 +21,8 @@ def main(argv=None):
         parser.add_argument(f"--{name}", default=default)
     parser.add_argument("--model_name", default="lightcycle-fashion")
     parser.add_argument("--min_accuracy", default="0.5")
-    parser.add_argument("--method", default="script")
+    parser.add_argument("--method", default="script", help="TorchScript conversion: script|trace")
+    parser.add_argument("--deployable", default="torchscript", help="torchscript|pt2|both")
     parser.add_argument("--force", type=boolean, default=False)
     args = parser.parse_args(argv)
 
@@ -29,13 +30,14 @@ def main(argv=None):
 
     from lightcycle import pipeline, tracking
 
+    pipeline.parse_deployable(args.deployable)  # a typo fails before anything runs
     tracking.check_tracking_server()
     with mlflow.start_run():
         mlflow.set_tags(tracking.step_tags("main"))
         result = pipeline.run_pipeline(
             str(tracking.PROJECT_ROOT),
             {name: getattr(args, name) for name in TRAIN_DEFAULTS},
-            args.model_name, args.min_accuracy, args.method, args.force,
+            args.model_name, args.min_accuracy, args.method, args.force, args.deployable,
         )
     print(pipeline.summary(result))
 

@@ -1,4 +1,5 @@
-"""Entry point `torchscript`: script/trace the eager net, prove parity, log and register it."""
+"""Entry point `torchscript`: script/trace (or torch.export) the eager net, prove parity, log and
+register the deployable."""
 
 import argparse
 
@@ -8,7 +9,7 @@ from lightcycle.tracking import run_step
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model_uri", required=True, help="models:/<name>/<version> or @<alias>")
-    parser.add_argument("--method", default="script")
+    parser.add_argument("--method", default="script", help="script|trace (TorchScript) or export (pt2)")
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--deployable_name", default="")
     args = parser.parse_args(argv)

@@ -21,14 +21,23 @@ pytestmark = pytest.mark.slow
 MODEL_NAME = "serve-fashion"
 
 
+CHAIN_PARAMS = {"epochs": 1, "model_name": MODEL_NAME, "min_accuracy": 0.1}
+
+
 @pytest.fixture(scope="module")
-def champion(tracking_server):
+def chain_experiment(tracking_server):
     mlflow.set_tracking_uri(tracking_server.url)
     experiment_id = mlflow.create_experiment("serve")
-    check(mlflow_run("main", {"epochs": 1, "model_name": MODEL_NAME, "min_accuracy": 0.1},
-                     experiment_id, env={"MLFLOW_TRACKING_URI": tracking_server.url}))
-    yield f"models:/{MODEL_NAME}-scripted@champion"
+    # Both deployables from one eager version: the pt2 tests compare their answers.
+    check(mlflow_run("main", {**CHAIN_PARAMS, "deployable": "both"}, experiment_id,
+                     env={"MLFLOW_TRACKING_URI": tracking_server.url}))
+    yield experiment_id
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def champion(chain_experiment):
+    return f"models:/{MODEL_NAME}-scripted@champion"
 
 
 def _start(cmd, port, tmp_path, env):
@@ -48,6 +57,21 @@ def server(champion, tracking_server, tmp_path_factory):
                    "-P", f"model_uri={champion}", "-P", f"port={port}"],
                   port, tmp_path_factory.mktemp("serve"), env)
     yield f"http://127.0.0.1:{port}", proc
+    stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def pt2_server(chain_experiment, tracking_server, tmp_path_factory):
+    """The documented pt2 command, then `serve` on its champion."""
+    env = {"MLFLOW_TRACKING_URI": tracking_server.url}
+    result = check(mlflow_run("main", {**CHAIN_PARAMS, "deployable": "pt2"}, chain_experiment,
+                              env=env))
+    assert f"champion    models:/{MODEL_NAME}-pt2/" in result.stdout, result.stdout
+    port = free_port()
+    proc = _start(["mlflow", "run", str(PROJECT_ROOT), "-e", "serve", "--env-manager", "local",
+                   "-P", f"model_uri=models:/{MODEL_NAME}-pt2@champion", "-P", f"port={port}"],
+                  port, tmp_path_factory.mktemp("serve-pt2"), {**os.environ, **env})
+    yield f"http://127.0.0.1:{port}"
     stop_process(proc)
 
 
@@ -139,6 +163,29 @@ def test_bad_input_gets_a_clear_4xx(server, case):
     url, _ = server
     body, needle = BAD_INPUTS[case]
     response = invoke(url, body)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
+    assert needle in response.text, response.text[:1000]
+
+
+def test_pt2_champion_is_torch_export_and_answers_like_torchscript(pt2_server, server,
+                                                                    test_images):
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias(f"{MODEL_NAME}-pt2", "champion")
+    assert version.tags["lightcycle.conversion"] == "export/exported"
+    scripted = client.get_model_version_by_alias(f"{MODEL_NAME}-scripted", "champion")
+    assert version.tags["lightcycle.source_version"] == scripted.tags["lightcycle.source_version"]
+    body = {"inputs": test_images.images[:64].tolist()}
+    pt2_rows = invoke(pt2_server, body).json()["predictions"]
+    ts_rows = invoke(server[0], body).json()["predictions"]
+    assert [r["label"] for r in pt2_rows] == [r["label"] for r in ts_rows]
+    np.testing.assert_allclose([r["probabilities"] for r in pt2_rows],
+                               [r["probabilities"] for r in ts_rows], atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_pt2_champion_keeps_the_input_contract(pt2_server, case):
+    body, needle = BAD_INPUTS[case]
+    response = invoke(pt2_server, body)
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
     assert needle in response.text, response.text[:1000]
 

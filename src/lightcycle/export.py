@@ -1,6 +1,9 @@
-"""Convert the registered eager net to TorchScript, prove parity, log and register the deployable.
+"""Convert the registered eager net to a deployable, prove parity, log and register it.
 
-A converted model that does not match eager on every held-out image is never logged.
+Two formats: TorchScript (`script` or `trace`, then freeze and optimize_for_inference where
+they keep parity) and torch.export's pt2 (`export`, TorchScript's upstream successor). Both are
+logged behind the same pyfunc and input contract. A converted model that does not match eager
+on every held-out image is never logged.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from lightcycle import data, model_io, registry, tracking
 from lightcycle.errors import UserError
 from lightcycle.evaluate import images_tensor, predict_logits
 
-METHODS = ("script", "trace")
+# Conversion method -> the deployable's format (its artifact key and registered-name suffix).
+FORMATS = {"script": "torchscript", "trace": "torchscript", "export": "pt2"}
+METHODS = tuple(FORMATS)
 # Max abs logit difference allowed between eager and converted (float32, same CPU kernels).
 PARITY_ATOL = 1e-4
 MAX_BATCH = 1024
@@ -60,15 +65,26 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> Parity:
     )
 
 
-def convert(net: torch.nn.Module, method: str, example: torch.Tensor) -> torch.jit.ScriptModule:
+def convert(net: torch.nn.Module, method: str, example: torch.Tensor):
+    """A ScriptModule for script/trace, an ExportedProgram (batch dimension dynamic) for export."""
     if method not in METHODS:
         raise UserError(f"Unknown conversion method {method!r}: choose one of {', '.join(METHODS)}.")
     net = net.eval()
+    if method == "export":
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        return torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
         if method == "script":
             return torch.jit.script(net)
         return torch.jit.trace(net, example)
+
+
+def save_archive(converted, path) -> None:
+    if isinstance(converted, torch.export.ExportedProgram):
+        torch.export.save(converted, path)
+    else:
+        torch.jit.save(converted, path)
 
 
 def roundtrip(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
@@ -77,6 +93,20 @@ def roundtrip(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     torch.jit.save(module, buffer)
     buffer.seek(0)
     return torch.jit.load(buffer, map_location="cpu")
+
+
+def roundtrip_program(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    return torch.export.load(buffer)
+
+
+def check_program(program: torch.export.ExportedProgram, images: torch.Tensor,
+                  reference: torch.Tensor) -> tuple[torch.export.ExportedProgram, str, Parity]:
+    """pt2 has no freeze/optimize passes to try: parity of the reloaded archive is all."""
+    reloaded = roundtrip_program(program)
+    return reloaded, "exported", compare(reference, predict_logits(reloaded.module(), images))
 
 
 def optimize(
@@ -126,23 +156,26 @@ def publish(
     """
     client = MlflowClient()
     source = registry.resolve(model_uri, client)
-    name = deployable_name or registry.deployable_name(source.name)
+    name = deployable_name or registry.deployable_name(source.name, FORMATS.get(method, ""))
     test_split = data.load_split(data_dir, "test")
     images = images_tensor(test_split)
 
     eager = model_io.load_eager_net(source.uri)
     reference = predict_logits(eager, images)
-    scripted = convert(eager, method, images[:2])
+    converted = convert(eager, method, images[:2])
     if tamper is not None:
-        scripted = tamper(scripted)
-    best, stage, parity = optimize(scripted, images, reference)
+        converted = tamper(converted)
+    if FORMATS[method] == "pt2":
+        best, stage, parity = check_program(converted, images, reference)
+    else:
+        best, stage, parity = optimize(converted, images, reference)
     mlflow.log_metrics({"parity_max_abs_diff": parity.max_abs_diff,
                         "parity_argmax_mismatches": parity.argmax_mismatches})
     mlflow.log_params({"parity_images": parity.images, "parity_atol": PARITY_ATOL,
                        "source_version": source.uri, "optimization": stage})
     if not parity.ok:
         raise ParityError(
-            f"The {method}ed model does not match eager {source.uri} on the {parity.images} "
+            f"The {FORMATS[method]} model ({method}) does not match eager {source.uri} on the {parity.images} "
             f"held-out test images: {parity.describe()}. Nothing was logged or registered."
         )
 
@@ -181,16 +214,17 @@ def deployable_model_kwargs(archive: str, artifact: str) -> dict:
     )
 
 
-def log_deployable(module: torch.jit.ScriptModule, method: str, source: registry.ModelRef,
-                   parity: Parity, accuracy: float):
-    with tempfile.TemporaryDirectory(prefix="lightcycle-ts-") as tmp:
-        archive = os.path.join(tmp, "model.pt")
-        torch.jit.save(module, archive)
+def log_deployable(converted, method: str, source: registry.ModelRef, parity: Parity,
+                   accuracy: float):
+    fmt = FORMATS[method]
+    with tempfile.TemporaryDirectory(prefix="lightcycle-deployable-") as tmp:
+        archive = os.path.join(tmp, "model.pt2" if fmt == "pt2" else "model.pt")
+        save_archive(converted, archive)
         return mlflow.pyfunc.log_model(
             name="model",
-            **deployable_model_kwargs(archive, "torchscript"),
+            **deployable_model_kwargs(archive, fmt),
             metadata=model_io.model_metadata(
-                format="torchscript", conversion=method, source_version=source.uri,
+                format=fmt, torch_version=model_io.package_version("torch"), conversion=method, source_version=source.uri,
                 parity_max_abs_diff=parity.max_abs_diff, test_accuracy=accuracy,
                 max_batch=MAX_BATCH, input=model_io.SERVING_INPUT,
             ),

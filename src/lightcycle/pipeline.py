@@ -41,10 +41,28 @@ class StepResult:
         return self.run.data.tags[tracking.TAG_OUTPUT_URI]
 
 
+DEPLOYABLES = {"torchscript": ("torchscript",), "pt2": ("pt2",), "both": ("torchscript", "pt2")}
+
+
+def parse_deployable(choice: str) -> tuple[str, ...]:
+    if choice not in DEPLOYABLES:
+        raise UserError(f"Unknown deployable {choice!r}: choose one of {', '.join(DEPLOYABLES)} "
+                        "(torchscript is the default; pt2 is torch.export's format).")
+    return DEPLOYABLES[choice]
+
+
 @dataclass
 class PipelineResult:
+    """`steps` keys: train, register, then `<format>` (conversion) and `promote:<format>` for each
+    deployable built; `champions` maps each format to its champion after the gate, if any."""
+
     steps: dict[str, StepResult] = field(default_factory=dict)
-    champion: registry.ModelRef | None = None
+    champions: dict[str, registry.ModelRef | None] = field(default_factory=dict)
+
+    @property
+    def champion(self) -> registry.ModelRef | None:
+        """The first deployable's champion (TorchScript unless only pt2 was built)."""
+        return next(iter(self.champions.values()), None)
 
 
 def _quote(value: str) -> str:
@@ -142,8 +160,10 @@ class Pipeline:
 
 
 def run_pipeline(project_uri: str, train_params: dict[str, object], model_name: str,
-                 min_accuracy: float, method: str, force: bool) -> PipelineResult:
+                 min_accuracy: float, method: str, force: bool,
+                 deployable: str = "torchscript") -> PipelineResult:
     """Run the chain inside the active run (the `main` run). Returns what each step produced."""
+    formats = parse_deployable(deployable)
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("run_pipeline needs an active MLflow run")
@@ -156,45 +176,49 @@ def run_pipeline(project_uri: str, train_params: dict[str, object], model_name: 
     register = pipeline.step("register", {"run_id": train.run.info.run_id,
                                           "model_name": model_name})
     result.steps["register"] = register
-    deployable = registry.deployable_name(model_name)
-    script = pipeline.step("torchscript", {"model_uri": register.output_uri, "method": method,
-                                           "data_dir": data_dir, "deployable_name": deployable})
-    result.steps["torchscript"] = script
-    scripted = registry.resolve(script.output_uri, pipeline.client)
-    gate = pipeline.step("promote", {"model_name": deployable, "min_accuracy": min_accuracy,
-                                     "version": scripted.version, "data_dir": data_dir})
-    result.steps["promote"] = gate
-    champion = registry.alias_version(pipeline.client, deployable, registry.CHAMPION)
-    if champion is not None:
-        result.champion = registry.ModelRef(deployable, champion.version)
+    for fmt in formats:
+        name = registry.deployable_name(model_name, fmt)
+        conversion = pipeline.step("torchscript", {
+            "model_uri": register.output_uri, "method": method if fmt == "torchscript" else "export",
+            "data_dir": data_dir, "deployable_name": name})
+        result.steps[fmt] = conversion
+        converted = registry.resolve(conversion.output_uri, pipeline.client)
+        result.steps[f"promote:{fmt}"] = pipeline.step("promote", {
+            "model_name": name, "min_accuracy": min_accuracy, "version": converted.version,
+            "data_dir": data_dir})
+        champion = registry.alias_version(pipeline.client, name, registry.CHAMPION)
+        result.champions[fmt] = registry.ModelRef(name, champion.version) if champion else None
     return result
 
 
 def summary(result: PipelineResult) -> str:
-    train, register, script, gate = (result.steps[k] for k in
-                                     ("train", "register", "torchscript", "promote"))
-
     def origin(step: StepResult) -> str:
         return "reused" if step.cached else "new"
 
+    train, register = result.steps["train"], result.steps["register"]
     metrics = train.run.data.metrics
     lines = [
         "lightcycle summary",
         f"  train       run {train.run.info.run_id} ({origin(train)}): "
         f"test_accuracy={metrics.get('test_accuracy', float('nan')):.4f}",
         f"  register    {register.output_uri} ({origin(register)})",
-        f"  torchscript {script.output_uri} ({origin(script)}): parity max|diff|="
-        f"{script.run.data.metrics.get('parity_max_abs_diff', float('nan')):.3g}, "
-        f"argmax mismatches={int(script.run.data.metrics.get('parity_argmax_mismatches', -1))}",
-        f"  promote     {gate.run.data.tags.get('lightcycle.gate.decision', '?')} "
-        f"({origin(gate)}): {gate.run.data.tags.get('lightcycle.gate.reason', '')}",
     ]
-    if result.champion:
-        champion_uri = f"models:/{result.champion.name}@champion"
+    for fmt, champion in result.champions.items():
+        conversion, gate = result.steps[fmt], result.steps[f"promote:{fmt}"]
+        conversion_metrics = conversion.run.data.metrics
         lines += [
-            f"  champion    {result.champion.uri}",
-            f"  serve it:   mlflow models serve -m {champion_uri} --env-manager local -p 5001",
+            f"  {fmt:<11} {conversion.output_uri} ({origin(conversion)}): parity max|diff|="
+            f"{conversion_metrics.get('parity_max_abs_diff', float('nan')):.3g}, argmax "
+            f"mismatches={int(conversion_metrics.get('parity_argmax_mismatches', -1))}",
+            f"  promote     {gate.run.data.tags.get('lightcycle.gate.decision', '?')} "
+            f"({origin(gate)}): {gate.run.data.tags.get('lightcycle.gate.reason', '')}",
         ]
-    else:
-        lines.append("  champion    none yet (the gate refused this challenger)")
+        if champion:
+            lines += [
+                f"  champion    {champion.uri}",
+                f"  serve it:   mlflow models serve -m models:/{champion.name}@champion "
+                "--env-manager local -p 5001",
+            ]
+        else:
+            lines.append("  champion    none yet (the gate refused this challenger)")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from lightcycle.errors import UserError
 
 DEFAULT_MODEL_NAME = "lightcycle-fashion"
 SCRIPTED_SUFFIX = "-scripted"
+PT2_SUFFIX = "-pt2"
 
 # Lineage tags on model versions.
 TAG_SOURCE_RUN = "lightcycle.source_run_id"
@@ -39,8 +40,10 @@ class ModelRef:
         return f"models:/{self.name}/{self.version}"
 
 
-def deployable_name(model_name: str) -> str:
-    return model_name + SCRIPTED_SUFFIX
+def deployable_name(model_name: str, fmt: str = "torchscript") -> str:
+    """`<name>-scripted` for TorchScript, `<name>-pt2` for torch.export: each format has its own
+    versions and its own champion, so serving one never picks up the other by accident."""
+    return model_name + (PT2_SUFFIX if fmt == "pt2" else SCRIPTED_SUFFIX)
 
 
 def _not_found(exc: MlflowException) -> bool:

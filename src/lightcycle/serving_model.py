@@ -1,4 +1,4 @@
-"""The deployable's pyfunc: a TorchScript archive behind a strict raw-pixel input contract.
+"""The deployable's pyfunc: a TorchScript or pt2 archive behind a strict raw-pixel input contract.
 
 This file is logged with the model ("models from code"), so it must stand alone: it imports
 only numpy, pandas, torch and mlflow, never the rest of `lightcycle`. The signature declares
@@ -67,12 +67,19 @@ def validate_pixels(batch, max_batch: int = DEFAULT_MAX_BATCH) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
-class TorchScriptClassifier(PythonModel):
+class DeployedClassifier(PythonModel):
+    """Serves whichever archive the model carries: `torchscript` (torch.jit) or `pt2`
+    (torch.export; the exported graph already has eval behaviour baked in)."""
+
     def load_context(self, context):
         import torch
 
         self._torch = torch
-        self.module = torch.jit.load(context.artifacts["torchscript"], map_location="cpu").eval()
+        if "pt2" in context.artifacts:
+            self.module = torch.export.load(context.artifacts["pt2"]).module()
+        else:
+            self.module = torch.jit.load(context.artifacts["torchscript"],
+                                         map_location="cpu").eval()
         config = context.model_config or {}
         self.class_names = list(config.get("class_names", [str(i) for i in range(10)]))
         self.max_batch = int(config.get("max_batch", DEFAULT_MAX_BATCH))
@@ -96,4 +103,4 @@ class TorchScriptClassifier(PythonModel):
         })
 
 
-set_model(TorchScriptClassifier())
+set_model(DeployedClassifier())
