@@ -40,6 +40,7 @@ class TrainConfig:
     devices: str = "1"
     strategy: str = "auto"
     num_workers: int = 0
+    num_nodes: int = 1
     val_fraction: float = 0.1
     width: int = 0  # 0: the net's default
     depth: int = 0
@@ -51,19 +52,63 @@ class TrainConfig:
             raise UserError(
                 f"Unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}."
             )
-        if self.precision == "16-mixed" and self.accelerator == "cpu":
+        gpu_asked = self.accelerator in ("gpu", "cuda")
+        if gpu_asked and not _cuda_available():
+            raise UserError(
+                f"accelerator={self.accelerator} but this machine has no usable CUDA GPU "
+                "(torch.cuda.is_available() is False): use accelerator=cpu, or run on a GPU node."
+            )
+        on_cpu = self.accelerator == "cpu" or (self.accelerator == "auto" and not _cuda_available())
+        if self.precision == "16-mixed" and on_cpu:
+            # Lightning would silently switch to bf16-mixed on the CPU; say so instead.
             raise UserError(
                 "precision=16-mixed needs a GPU (accelerator=gpu); on the CPU use bf16-mixed."
             )
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "num_nodes"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.learning_rate <= 0:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}.")
 
+        self._check_launcher_world_size()
+
+    def _check_launcher_world_size(self) -> None:
+        """Under torchrun (or anything that sets WORLD_SIZE), the launch must match the Trainer.
+
+        Lightning's own message names no launcher flags; this one says which to change.
+        """
+        world = os.environ.get("WORLD_SIZE")
+        if not world or not world.isdigit() or not self.devices.isdigit():
+            return
+        if int(world) != int(self.devices) * self.num_nodes:
+            raise UserError(
+                f"The launcher started {world} processes (WORLD_SIZE), but devices={self.devices} "
+                f"x num_nodes={self.num_nodes} = {int(self.devices) * self.num_nodes}. Pass "
+                "--devices <processes per node> --num_nodes <nodes>, e.g. torchrun "
+                "--nproc-per-node=1 --nnodes=2 needs --devices 1 --num_nodes 2."
+            )
+
     @property
     def trainer_devices(self) -> int | str:
         return int(self.devices) if self.devices.isdigit() else self.devices
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def trainer_kwargs(cfg: TrainConfig) -> dict[str, object]:
+    """The hardware and scale settings the Trainer gets, as the user chose them."""
+    return {
+        "max_epochs": cfg.epochs,
+        "accelerator": cfg.accelerator,
+        "devices": cfg.trainer_devices,
+        "num_nodes": cfg.num_nodes,
+        "strategy": cfg.strategy,
+        "precision": cfg.precision,
+    }
 
 
 class EpochLine(Callback):
@@ -86,11 +131,7 @@ class EpochLine(Callback):
 
 def build_trainer(cfg: TrainConfig, log_dir: str, interactive: bool) -> L.Trainer:
     return L.Trainer(
-        max_epochs=cfg.epochs,
-        accelerator=cfg.accelerator,
-        devices=cfg.trainer_devices,
-        strategy=cfg.strategy,
-        precision=cfg.precision,
+        **trainer_kwargs(cfg),
         logger=TensorBoardLogger(save_dir=log_dir, name="tensorboard", version=""),
         enable_checkpointing=False,  # autolog logs checkpoints to MLflow instead
         enable_progress_bar=interactive,
@@ -105,8 +146,11 @@ def train(cfg: TrainConfig) -> str | None:
     """Train, evaluate on the held-out test set and log it all. Returns the run id on rank 0."""
     cfg.validate()
     rank_zero = tracking.is_global_rank_zero()
+    # Every rank checks, before any of them trains or joins the process group: an unreachable
+    # server then stops each node at once with the same message, instead of rank 0 failing
+    # alone after an epoch and the others waiting on it.
+    tracking.check_tracking_server()
     if rank_zero:
-        tracking.check_tracking_server()
         data.prepare(cfg.data_dir, download=cfg.download)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -142,6 +186,7 @@ def _train_and_log(cfg, trainer, module, datamodule, log_dir) -> str:
         tracking.log_params_once({
             **dataclasses.asdict(cfg),
             "net_parameters": sum(p.numel() for p in module.net.parameters()),
+            "world_size": trainer.world_size,
         })
         mlflow.set_tag(tracking.TAG_DATA_DIGEST, digest)
         train_split = data.load_split(cfg.data_dir, "train")

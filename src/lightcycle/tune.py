@@ -1,0 +1,417 @@
+"""`tune`: an Optuna study over the training hyperparameters, tracked as nested MLflow runs.
+
+One parent run (the `tune` run) holds the study's summary: best params, an optimization
+history PNG and a CSV of every trial. Each trial is a child run with its params and per-epoch
+validation metrics; a pruned trial ends KILLED with tag `lightcycle.trial.state=PRUNED` (MLflow
+has no "pruned" status; KILLED is the one that means "stopped on purpose before the end").
+
+The study lives in an Optuna RDB storage (sqlite by default), so it outlives this process:
+`n_trials` is the number of finished (complete or pruned) trials the study should hold, and
+re-running the same command after a crash runs only the trials still missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import optuna
+from lightning.pytorch.callbacks import Callback
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from lightcycle import data, tracking
+from lightcycle.classifier import FashionClassifier
+from lightcycle.datamodule import FashionMNISTDataModule
+from lightcycle.errors import UserError
+from lightcycle.nets import NET_NAMES
+
+TAG_STUDY = "lightcycle.study_name"
+TAG_STORAGE = "lightcycle.optuna_storage"
+TAG_TRIAL = "lightcycle.trial.number"
+TAG_TRIAL_STATE = "lightcycle.trial.state"
+OBJECTIVE = "val_loss"  # minimized; val_acc on the sample's 72 validation images ties too often
+
+# Per-net capacity choices. Separate parameter names per net: Optuna refuses a parameter whose
+# categorical choices change between trials, and TPE models each name on its own.
+WIDTHS = {"cnn": (8, 16, 32, 48), "mlp": (64, 128, 256, 512)}
+MLP_DEPTHS = (1, 2, 3)
+BATCH_SIZES = (16, 32, 64, 128)
+LR_RANGE = (0.0001, 0.03)
+WD_RANGE = (0.000001, 0.01)
+PRUNERS = ("median", "hyperband", "none")
+
+# Settings a continued study must keep: trials trained differently are not comparable.
+_STUDY_SETTINGS = ("epochs", "models", "seed", "data_digest", "objective")
+
+
+@dataclass
+class TuneConfig:
+    n_trials: int = 20
+    timeout: float = 0.0  # seconds for this invocation; 0: no limit
+    study_name: str = "lightcycle-fashion"
+    optuna_storage: str = ""  # an Optuna storage URL or a sqlite file path; "": default_storage()
+    epochs: int = 5  # per trial
+    models: str = "cnn,mlp"  # nets to choose from, comma-separated
+    pruner: str = "median"
+    seed: int = 42
+    data_dir: str = str(data.default_data_dir())
+    download: bool = False
+    precision: str = "32"
+    accelerator: str = "cpu"
+    num_workers: int = 0
+    train_best: bool = False
+    train_epochs: int = 0  # epochs for train_best; 0: the per-trial epochs
+    model_name: str = "lightcycle-fashion"
+    min_accuracy: float = 0.5
+    method: str = "script"
+
+    @property
+    def model_choices(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.models.split(",") if m.strip())
+
+    def validate(self) -> None:
+        unknown = [m for m in self.model_choices if m not in NET_NAMES]
+        if unknown or not self.model_choices:
+            raise UserError(f"models={self.models!r}: give a comma-separated subset of "
+                            f"{', '.join(NET_NAMES)}.")
+        if self.pruner not in PRUNERS:
+            raise UserError(f"Unknown pruner {self.pruner!r}: choose one of {', '.join(PRUNERS)}.")
+        for name in ("n_trials", "epochs"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.timeout < 0 or self.train_epochs < 0:
+            raise UserError("timeout and train_epochs must not be negative.")
+        if not self.study_name.strip():
+            raise UserError("study_name must not be empty.")
+        if self.precision == "16-mixed" and self.accelerator != "gpu":
+            raise UserError("precision=16-mixed needs accelerator=gpu; on the CPU use bf16-mixed.")
+
+
+def default_storage(tracking_uri: str) -> str:
+    """sqlite next to a sqlite tracking store; otherwise one file under the user's data dir.
+
+    A remote tracking server has no directory we can write next to, and the current directory
+    changes between invocations, so the fallback is a fixed per-user path.
+    """
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+        return f"sqlite:///{db.parent / 'optuna.db'}"
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return f"sqlite:///{base / 'lightcycle' / 'optuna.db'}"
+
+
+def storage_url(value: str, tracking_uri: str) -> str:
+    if not value:
+        value = default_storage(tracking_uri)
+    elif "://" not in value:
+        value = f"sqlite:///{Path(value).resolve()}"
+    if value.startswith("sqlite:///"):
+        Path(value.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return value
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":
+        # Never on the first epoch: one-epoch losses mostly reflect the learning-rate warm-up.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    return optuna.pruners.NopPruner()
+
+
+def suggest(trial: optuna.Trial, models: tuple[str, ...]) -> dict[str, object]:
+    """The search space. Returns train-step parameters (width/depth 0: the net's default)."""
+    model = trial.suggest_categorical("model", list(models))
+    params: dict[str, object] = {
+        "model": model,
+        "learning_rate": trial.suggest_float("learning_rate", *LR_RANGE, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", *WD_RANGE, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", list(BATCH_SIZES)),
+        "width": 0,
+        "depth": 0,
+    }
+    if model in WIDTHS:
+        params["width"] = trial.suggest_categorical(f"{model}_width", list(WIDTHS[model]))
+    if model == "mlp":
+        params["depth"] = trial.suggest_categorical("mlp_depth", list(MLP_DEPTHS))
+    return params
+
+
+def train_params_of(trial: optuna.trial.FrozenTrial) -> dict[str, object]:
+    """The train-step parameters a finished trial used, rebuilt from its Optuna params."""
+    p = trial.params
+    model = p["model"]
+    return {"model": model, "learning_rate": p["learning_rate"],
+            "weight_decay": p["weight_decay"], "batch_size": p["batch_size"],
+            "width": p.get(f"{model}_width", 0), "depth": p.get("mlp_depth", 0)}
+
+
+class TrialReporter(Callback):
+    """Per-epoch validation metrics to the trial's run and to Optuna; stops a pruned trial.
+
+    Pruning sets `should_stop` instead of raising inside Lightning, so the Trainer finishes
+    its epoch cleanly; the objective raises TrialPruned after fit.
+    """
+
+    def __init__(self, trial: optuna.Trial, run_id: str) -> None:
+        self.trial = trial
+        self.run_id = run_id
+        self.client = MlflowClient()
+        self.pruned = False
+        self.history: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if k in ("val_loss", "val_acc", "train_loss", "train_acc")}
+        epoch = trainer.current_epoch
+        self.history.append(metrics)
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[
+            mlflow.entities.Metric(k, v, now, epoch) for k, v in metrics.items()])
+        value = metrics.get(OBJECTIVE, math.nan)
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            self.pruned = True
+            trainer.should_stop = True
+
+
+def fit_trial(cfg: TuneConfig, trial: optuna.Trial, params: dict[str, object],
+              run_id: str) -> tuple[float, dict[str, float]]:
+    """Train one trial's net; returns the objective and the last epoch's metrics."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = FashionMNISTDataModule(cfg.data_dir, int(params["batch_size"]),
+                                        cfg.num_workers, seed=cfg.seed)
+    module = FashionClassifier(model=str(params["model"]),
+                               learning_rate=float(params["learning_rate"]),
+                               weight_decay=float(params["weight_decay"]),
+                               width=int(params["width"]) or None,
+                               depth=int(params["depth"]) or None)
+    reporter = TrialReporter(trial, run_id)
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, precision=cfg.precision,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
+        callbacks=[reporter],
+    )
+    MlflowClient().log_param(run_id, "net_parameters",
+                             sum(p.numel() for p in module.net.parameters()))
+    trainer.fit(module, datamodule=datamodule)
+    if reporter.pruned:
+        raise optuna.TrialPruned(f"pruned after epoch {trainer.current_epoch}")
+    last = reporter.history[-1] if reporter.history else {}
+    return last.get(OBJECTIVE, math.nan), last
+
+
+def make_objective(cfg: TuneConfig, study_name: str):
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, cfg.model_choices)
+        # Explicit start/end rather than `with`: a pruned trial must end KILLED, and the
+        # context manager would end it (or, once popped, the parent) with its own status.
+        run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True)
+        run_id = run.info.run_id
+        trial.set_user_attr("mlflow_run_id", run_id)
+        status = "FAILED"
+        try:
+            mlflow.set_tags({TAG_STUDY: study_name, TAG_TRIAL: str(trial.number),
+                             TAG_TRIAL_STATE: "RUNNING"})
+            mlflow.log_params({**params, "epochs": cfg.epochs, "seed": cfg.seed,
+                               "data_dir": cfg.data_dir, "precision": cfg.precision})
+            start = time.perf_counter()
+            value, last = fit_trial(cfg, trial, params, run_id)
+            mlflow.log_metric("fit_seconds", time.perf_counter() - start)
+            if "val_acc" in last:
+                trial.set_user_attr("val_acc", last["val_acc"])
+            state = "COMPLETE" if math.isfinite(value) else "FAIL"
+            mlflow.set_tag(TAG_TRIAL_STATE, state)
+            status = "FINISHED" if state == "COMPLETE" else "FAILED"
+            return value
+        except optuna.TrialPruned:
+            mlflow.set_tag(TAG_TRIAL_STATE, "PRUNED")
+            status = "KILLED"
+            raise
+        except BaseException:
+            mlflow.set_tag(TAG_TRIAL_STATE, "FAIL")
+            raise
+        finally:
+            mlflow.end_run(status)
+    return objective
+
+
+def _fail_stale_trial_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial whose process died (no heartbeat) is FAIL in Optuna: settle its MLflow run too."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return
+    client = MlflowClient()
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, TAG_TRIAL_STATE, "FAIL")
+            client.set_terminated(run_id, "FAILED")
+    except mlflow.exceptions.MlflowException:
+        pass
+
+
+def open_study(cfg: TuneConfig, storage: str) -> optuna.Study:
+    rdb = optuna.storages.RDBStorage(
+        storage, heartbeat_interval=30, grace_period=120,
+        failed_trial_callback=_fail_stale_trial_run,
+    )
+    existing = cfg.study_name in optuna.get_all_study_names(rdb)
+    settings = {"epochs": cfg.epochs, "models": ",".join(cfg.model_choices), "seed": cfg.seed,
+                "data_digest": data.dataset_digest(cfg.data_dir), "objective": OBJECTIVE}
+    n_before = 0
+    if existing:
+        study = optuna.load_study(study_name=cfg.study_name, storage=rdb)
+        differ = {k: (study.user_attrs.get(k), settings[k]) for k in _STUDY_SETTINGS
+                  if study.user_attrs.get(k) != settings[k]}
+        if differ:
+            detail = ", ".join(f"{k}: study has {old!r}, this run asks {new!r}"
+                               for k, (old, new) in differ.items())
+            raise UserError(
+                f"Study {cfg.study_name!r} in {storage} was run with other settings ({detail}); "
+                "its trials would not be comparable. Use the same settings to continue it, or "
+                "a new study_name.")
+        n_before = len(study.trials)
+    # A sampler seeded the same on every invocation would replay the first run's random
+    # start-up trials; offsetting by the trials already there keeps a continuation new.
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed + n_before)
+    study = optuna.create_study(storage=rdb, study_name=cfg.study_name, direction="minimize",
+                                sampler=sampler, pruner=make_pruner(cfg.pruner, cfg.epochs),
+                                load_if_exists=True)
+    if not existing:
+        for key, value in settings.items():
+            study.set_user_attr(key, value)
+    return study
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def history_figure(study: optuna.Study):
+    """Objective per trial, best so far, and pruned trials at their last reported value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    if complete:
+        xs = [t.number for t in complete]
+        ys = [t.value for t in complete]
+        ax.scatter(xs, ys, label="complete", color="tab:blue", zorder=3)
+        best, best_line = math.inf, []
+        for y in ys:
+            best = min(best, y)
+            best_line.append(best)
+        ax.step(xs, best_line, where="post", color="tab:red", label="best so far")
+    reported = [(t.number, t.intermediate_values[max(t.intermediate_values)])
+                for t in pruned if t.intermediate_values]
+    if reported:
+        ax.scatter(*zip(*reported), marker="x", color="tab:gray", label="pruned (last epoch)")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(OBJECTIVE)
+    ax.set_title(f"Optimization history: {study.study_name}")
+    if complete or reported:
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def log_summary(study: optuna.Study, out_dir: Path) -> optuna.trial.FrozenTrial | None:
+    """Log the trials table, the history plot and the best trial to the active (parent) run."""
+    frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs",
+                                          "datetime_start", "datetime_complete", "duration"))
+    table = out_dir / "trials.csv"
+    frame.to_csv(table, index=False)
+    mlflow.log_artifact(str(table))
+    fig = history_figure(study)
+    mlflow.log_figure(fig, "plots/optimization_history.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+    counts = {state: len(study.get_trials(deepcopy=False, states=(state,)))
+              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    mlflow.log_metrics({"trials_complete": counts[TrialState.COMPLETE],
+                        "trials_pruned": counts[TrialState.PRUNED],
+                        "trials_failed": counts[TrialState.FAIL]})
+    if not counts[TrialState.COMPLETE]:
+        return None
+    best = study.best_trial
+    best_params = train_params_of(best)
+    mlflow.log_params({f"best_{k}": v for k, v in best_params.items()})
+    mlflow.log_metrics({f"best_{OBJECTIVE}": best.value, "best_trial": best.number,
+                        **({"best_val_acc": best.user_attrs["val_acc"]}
+                           if "val_acc" in best.user_attrs else {})})
+    mlflow.log_dict({"trial": best.number, OBJECTIVE: best.value,
+                     "mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
+                     "optuna_params": best.params, "train_params": best_params},
+                    "best_params.json")
+    mlflow.set_tag("lightcycle.best_trial_run", best.user_attrs.get("mlflow_run_id", ""))
+    return best
+
+
+def tune(cfg: TuneConfig) -> optuna.Study:
+    """Run (or continue) the study inside the active MLflow run; optionally train the best."""
+    import tempfile
+
+    cfg.validate()
+    tracking.check_tracking_server()
+    data.prepare(cfg.data_dir, download=cfg.download)
+    storage = storage_url(cfg.optuna_storage, mlflow.get_tracking_uri())
+    # Lightning prints its device banner once per Trainer: once per trial is noise.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+    study = open_study(cfg, storage)
+    parent = mlflow.active_run()
+    if parent is None:
+        raise RuntimeError("tune needs an active MLflow run (the parent of the trial runs)")
+    mlflow.set_tags({TAG_STUDY: cfg.study_name, TAG_STORAGE: storage})
+    tracking.log_params_once({k: v for k, v in dataclasses.asdict(cfg).items()})
+
+    remaining = cfg.n_trials - len(finished(study))
+    print(f"[tune] study {cfg.study_name!r} in {storage}: {len(finished(study))} finished "
+          f"trial(s); running up to {max(remaining, 0)} more", flush=True)
+    if remaining > 0:
+        study.optimize(make_objective(cfg, cfg.study_name), n_trials=remaining,
+                       timeout=cfg.timeout or None, gc_after_trial=True)
+
+    with tempfile.TemporaryDirectory(prefix="lightcycle-tune-") as tmp:
+        best = log_summary(study, Path(tmp))
+    if best is None:
+        raise UserError(f"Study {cfg.study_name!r} has no completed trial yet (all pruned or "
+                        "failed): raise n_trials, or use pruner=none.")
+    print(f"[tune] best trial {best.number}: {OBJECTIVE}={best.value:.4f} "
+          f"params={json.dumps(train_params_of(best))}", flush=True)
+    if cfg.train_best:
+        _train_best(cfg, best)
+    return study
+
+
+def _train_best(cfg: TuneConfig, best: optuna.trial.FrozenTrial) -> None:
+    """Send the best trial's params down the normal chain, as children of the tune run."""
+    from lightcycle import pipeline
+
+    params = {**{k: str(v) for k, v in train_params_of(best).items()},
+              "epochs": str(cfg.train_epochs or cfg.epochs), "seed": str(cfg.seed),
+              "data_dir": cfg.data_dir, "download": "false", "precision": cfg.precision,
+              "accelerator": cfg.accelerator, "devices": "1", "strategy": "auto",
+              "num_workers": str(cfg.num_workers)}
+    result = pipeline.run_pipeline(str(tracking.PROJECT_ROOT), params, cfg.model_name,
+                                   cfg.min_accuracy, cfg.method, force=False)
+    mlflow.set_tag(tracking.TAG_OUTPUT_URI, result.steps["train"].output_uri)
+    print(pipeline.summary(result), flush=True)
