@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,11 +263,16 @@ def _fail_stale_trial_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) 
         pass
 
 
-def open_study(cfg: TuneConfig, storage: str) -> optuna.Study:
-    rdb = optuna.storages.RDBStorage(
-        storage, heartbeat_interval=30, grace_period=120,
-        failed_trial_callback=_fail_stale_trial_run,
-    )
+def open_study(cfg: TuneConfig, storage: str,
+               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    with warnings.catch_warnings():
+        # Heartbeats are "experimental" since Optuna 2.9 and are what makes a crashed
+        # trial FAIL instead of RUNNING forever.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        rdb = optuna.storages.RDBStorage(
+            storage, heartbeat_interval=30, grace_period=120,
+            heartbeat_stale_trial_callback=_fail_stale_trial_run,
+        )
     existing = cfg.study_name in optuna.get_all_study_names(rdb)
     settings = {"epochs": cfg.epochs, "models": ",".join(cfg.model_choices), "seed": cfg.seed,
                 "data_digest": data.dataset_digest(cfg.data_dir), "objective": OBJECTIVE}
@@ -287,7 +293,7 @@ def open_study(cfg: TuneConfig, storage: str) -> optuna.Study:
     # start-up trials; offsetting by the trials already there keeps a continuation new.
     sampler = optuna.samplers.TPESampler(seed=cfg.seed + n_before)
     study = optuna.create_study(storage=rdb, study_name=cfg.study_name, direction="minimize",
-                                sampler=sampler, pruner=make_pruner(cfg.pruner, cfg.epochs),
+                                sampler=sampler, pruner=pruner or make_pruner(cfg.pruner, cfg.epochs),
                                 load_if_exists=True)
     if not existing:
         for key, value in settings.items():
@@ -365,8 +371,11 @@ def log_summary(study: optuna.Study, out_dir: Path) -> optuna.trial.FrozenTrial 
     return best
 
 
-def tune(cfg: TuneConfig) -> optuna.Study:
-    """Run (or continue) the study inside the active MLflow run; optionally train the best."""
+def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    """Run (or continue) the study inside the active MLflow run; optionally train the best.
+
+    `pruner` replaces the one `cfg.pruner` names, for library callers.
+    """
     import tempfile
 
     cfg.validate()
@@ -376,7 +385,7 @@ def tune(cfg: TuneConfig) -> optuna.Study:
     # Lightning prints its device banner once per Trainer: once per trial is noise.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
-    study = open_study(cfg, storage)
+    study = open_study(cfg, storage, pruner)
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("tune needs an active MLflow run (the parent of the trial runs)")

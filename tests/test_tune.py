@@ -1,0 +1,194 @@
+"""The `tune` entry point: an Optuna study as one parent run with one nested run per trial."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from conftest import SAMPLE_DIR, check, mlflow_run, runs_of
+from lightcycle.errors import UserError
+
+# The cheapest real trial: an MLP, one epoch on the 648-image sample split.
+TRIAL = {"epochs": 1, "models": "mlp"}
+
+
+def _children(experiment_id: str, parent_id: str):
+    return MlflowClient().search_runs(
+        [experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000)
+
+
+def _trial_runs(experiment_id: str, parent_id: str):
+    runs = [r for r in _children(experiment_id, parent_id) if "lightcycle.trial.number" in r.data.tags]
+    return sorted(runs, key=lambda r: int(r.data.tags["lightcycle.trial.number"]))
+
+
+def _trials_csv(run_id: str) -> pd.DataFrame:
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/trials.csv")
+    return pd.read_csv(io.StringIO(text))
+
+
+@pytest.fixture(scope="module")
+def tuned(tracking_server, tmp_path_factory):
+    """`tune` with n_trials=2, then again with n_trials=3 and train_best=true, same study."""
+    mlflow.set_tracking_uri(tracking_server.url)
+    experiment_id = mlflow.create_experiment("tune-entry-point")
+    storage = tmp_path_factory.mktemp("optuna") / "optuna.db"
+    env = {"MLFLOW_TRACKING_URI": tracking_server.url}
+    common = {**TRIAL, "study_name": "acceptance", "optuna_storage": storage}
+    check(mlflow_run("tune", {**common, "n_trials": 2}, experiment_id, env=env))
+    first = runs_of(experiment_id, "tune")
+    second_result = check(mlflow_run(
+        "tune", {**common, "n_trials": 3, "train_best": "true", "min_accuracy": 0.0},
+        experiment_id, env=env))
+    parents = sorted(runs_of(experiment_id, "tune"), key=lambda r: r.info.start_time)
+    yield {"experiment_id": experiment_id, "storage": storage, "first": first,
+           "parents": parents, "second_stdout": second_result.stdout}
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_first_run_is_one_parent_with_two_nested_trial_runs(tuned, tracking_uri):
+    assert len(tuned["first"]) == 1
+    parent = tuned["first"][0]
+    assert parent.info.status == "FINISHED"
+    trials = _trial_runs(tuned["experiment_id"], parent.info.run_id)
+    assert len(trials) == 2
+    assert len(_children(tuned["experiment_id"], parent.info.run_id)) == 2
+    client = MlflowClient()
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["lightcycle.trial.state"] == "COMPLETE"
+        assert run.data.tags["lightcycle.study_name"] == "acceptance"
+        for key in ("model", "learning_rate", "weight_decay", "batch_size", "width", "depth",
+                    "epochs"):
+            assert key in run.data.params, key
+        assert run.data.params["model"] == "mlp"
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert [m.step for m in history] == [0]  # one value per epoch, from the trial only
+        assert "val_acc" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_parent_logs_best_params_history_plot_and_trials_table(tuned, tracking_uri, tmp_path):
+    parent = tuned["first"][0]
+    trials = _trial_runs(tuned["experiment_id"], parent.info.run_id)
+    losses = {r.info.run_id: r.data.metrics["val_loss"] for r in trials}
+    best_run = min(losses, key=losses.get)
+    best = json.loads(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/best_params.json"))
+    assert best["mlflow_run_id"] == best_run
+    assert parent.data.tags["lightcycle.best_trial_run"] == best_run
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(losses[best_run])
+    best_trial = MlflowClient().get_run(best_run).data.params
+    assert parent.data.params["best_learning_rate"] == best_trial["learning_rate"]
+    assert parent.data.params["best_batch_size"] == best_trial["batch_size"]
+    table = _trials_csv(parent.info.run_id)
+    assert list(table["number"]) == [0, 1]
+    assert set(table["state"]) == {"COMPLETE"}
+    assert set(table["user_attrs_mlflow_run_id"]) == set(losses)
+    png = mlflow.artifacts.download_artifacts(
+        f"runs:/{parent.info.run_id}/plots/optimization_history.png", dst_path=str(tmp_path))
+    with open(png, "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_rerun_with_larger_n_trials_continues_the_same_study(tuned, tracking_uri):
+    first, second = tuned["parents"]
+    assert first.info.run_id == tuned["first"][0].info.run_id
+    new_trials = _trial_runs(tuned["experiment_id"], second.info.run_id)
+    assert [r.data.tags["lightcycle.trial.number"] for r in new_trials] == ["2"]
+    study = optuna.load_study(study_name="acceptance", storage=f"sqlite:///{tuned['storage']}")
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    assert list(_trials_csv(second.info.run_id)["number"]) == [0, 1, 2]
+    assert second.data.tags["lightcycle.optuna_storage"] == f"sqlite:///{tuned['storage']}"
+
+
+@pytest.mark.slow
+def test_train_best_sends_the_best_trial_down_the_chain(tuned, tracking_uri):
+    second = tuned["parents"][1]
+    steps = {r.data.tags.get("mlflow.project.entryPoint"): r
+             for r in _children(tuned["experiment_id"], second.info.run_id)
+             if "lightcycle.trial.number" not in r.data.tags}
+    assert set(steps) == {"train", "register", "torchscript", "promote"}
+    assert all(r.info.status == "FINISHED" for r in steps.values())
+    best = json.loads(mlflow.artifacts.load_text(f"runs:/{second.info.run_id}/best_params.json"))
+    train = steps["train"].data.params
+    for key, value in best["train_params"].items():
+        assert train[key] == str(value), key
+    assert second.data.tags["lightcycle.output_uri"] == steps["train"].data.tags["lightcycle.output_uri"]
+    assert "champion" in tuned["second_stdout"]
+
+
+@pytest.mark.slow
+def test_pruned_trial_ends_killed_and_tagged(experiment, tmp_path):
+    from lightcycle.tune import TuneConfig, tune
+
+    cfg = TuneConfig(n_trials=1, epochs=2, models="mlp", data_dir=str(SAMPLE_DIR),
+                     study_name="pruned", optuna_storage=str(tmp_path / "optuna.db"))
+    # Any positive validation loss after the first epoch prunes: a real pruner, a sure outcome.
+    always = optuna.pruners.ThresholdPruner(upper=0.0)
+    with mlflow.start_run() as parent:
+        with pytest.raises(UserError, match="no completed trial"):
+            tune(cfg, pruner=always)
+    (trial,) = _trial_runs(experiment, parent.info.run_id)
+    assert trial.info.status == "KILLED"
+    assert trial.data.tags["lightcycle.trial.state"] == "PRUNED"
+    assert [m.step for m in MlflowClient().get_metric_history(trial.info.run_id, "val_loss")] == [0]
+    assert list(_trials_csv(parent.info.run_id)["state"]) == ["PRUNED"]
+    study = optuna.load_study(study_name="pruned", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED]
+
+
+def test_continuing_with_other_settings_is_refused(tmp_path):
+    from lightcycle.tune import TuneConfig, open_study
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    open_study(TuneConfig(epochs=1, data_dir=str(SAMPLE_DIR), study_name="s"), storage)
+    with pytest.raises(UserError, match=r"epochs: study has 1, this run asks 2.*new study_name"):
+        open_study(TuneConfig(epochs=2, data_dir=str(SAMPLE_DIR), study_name="s"), storage)
+    # The same settings continue it.
+    assert open_study(TuneConfig(epochs=1, data_dir=str(SAMPLE_DIR), study_name="s"),
+                      storage).study_name == "s"
+
+
+def test_default_storage_sits_next_to_a_sqlite_tracking_store(tmp_path, monkeypatch):
+    from lightcycle.tune import default_storage, storage_url
+
+    assert default_storage(f"sqlite:///{tmp_path}/mlflow.db") == f"sqlite:///{tmp_path}/optuna.db"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "share"))
+    assert default_storage("http://127.0.0.1:5000") == \
+        f"sqlite:///{tmp_path}/share/lightcycle/optuna.db"
+    assert storage_url(str(tmp_path / "x" / "s.db"), "ignored") == f"sqlite:///{tmp_path}/x/s.db"
+    assert (tmp_path / "x").is_dir()
+
+
+def test_bad_tune_parameters_say_what_to_choose():
+    from lightcycle.tune import TuneConfig
+
+    with pytest.raises(UserError, match="comma-separated subset of cnn, mlp, resnet18"):
+        TuneConfig(models="cnn,vgg").validate()
+    with pytest.raises(UserError, match="choose one of median, hyperband, none"):
+        TuneConfig(pruner="asha").validate()
+
+
+def test_tune_imports_only_what_it_needs():
+    import subprocess
+    import sys
+
+    def loaded(imports):
+        code = f"import sys, {imports}; print('\\n'.join(sys.modules))"
+        return set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  check=True).stdout.split())
+
+    # Lightning itself loads torchvision and matplotlib; these are the ones tune could avoid.
+    tune = loaded("lightcycle.tune")
+    for heavy in ("lightcycle.train", "lightcycle.pipeline", "mlflow.pytorch", "tensorboard",
+                  "plotly"):
+        assert heavy not in tune, heavy
+    assert "optuna" not in loaded("lightcycle.train, lightcycle.pipeline")
