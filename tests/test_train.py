@@ -137,7 +137,14 @@ def test_ddp_on_two_cpu_processes_makes_one_run_and_one_model(experiment):
     assert run.info.status == "FINISHED"
     assert len(run.outputs.model_outputs) == 1
     assert "test_accuracy" in run.data.metrics
+    assert run.data.params["world_size"] == "2"  # both processes trained
+    # Metrics come from rank 0 only: had rank 1 logged too (it inherits MLFLOW_RUN_ID, so it
+    # would write into this same run), each history would hold two values for the one epoch.
+    client = MlflowClient()
+    for key in ("val_loss", "train_loss", "test_accuracy", "fit_seconds"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 1, key
     assert result.stdout.count("run_id=") == 1  # only rank 0 reports
+    assert result.stdout.count("epoch 1/1") == 1
 
 
 def test_bf16_training_logs_a_float32_model(experiment):
