@@ -28,4 +28,4 @@ demo: venv
 	$(BIN)/python -m lightcycle.demo
 
 clean:
-	rm -rf $(VENV) mlflow.db mlartifacts lightning_logs
+	rm -rf $(VENV) mlflow.db optuna.db mlartifacts lightning_logs
