@@ -266,8 +266,8 @@ def _fail_stale_trial_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) 
 def open_study(cfg: TuneConfig, storage: str,
                pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
     with warnings.catch_warnings():
-        # Heartbeats are "experimental" since Optuna 2.9 and are what makes a crashed
-        # trial FAIL instead of RUNNING forever.
+        # Optuna flags heartbeats as experimental; they are what turns the trial of a
+        # crashed process into FAIL instead of leaving it RUNNING forever.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         rdb = optuna.storages.RDBStorage(
             storage, heartbeat_interval=30, grace_period=120,
@@ -292,9 +292,9 @@ def open_study(cfg: TuneConfig, storage: str,
     # A sampler seeded the same on every invocation would replay the first run's random
     # start-up trials; offsetting by the trials already there keeps a continuation new.
     sampler = optuna.samplers.TPESampler(seed=cfg.seed + n_before)
-    study = optuna.create_study(storage=rdb, study_name=cfg.study_name, direction="minimize",
-                                sampler=sampler, pruner=pruner or make_pruner(cfg.pruner, cfg.epochs),
-                                load_if_exists=True)
+    study = optuna.create_study(
+        storage=rdb, study_name=cfg.study_name, direction="minimize", sampler=sampler,
+        pruner=pruner or make_pruner(cfg.pruner, cfg.epochs), load_if_exists=True)
     if not existing:
         for key, value in settings.items():
             study.set_user_attr(key, value)
