@@ -192,3 +192,45 @@ def test_tune_imports_only_what_it_needs():
                   "plotly"):
         assert heavy not in tune, heavy
     assert "optuna" not in loaded("lightcycle.train, lightcycle.pipeline")
+
+
+@pytest.mark.slow
+def test_a_killed_tune_resumes_its_study_instead_of_starting_over(experiment, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import PROJECT_ROOT, stop_process
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    # Two epochs per trial leave a few seconds to kill it inside trial 1.
+    cmd = [sys.executable, str(PROJECT_ROOT / "steps/tune.py"), "--n_trials", "2",
+           "--epochs", "2", "--models", "mlp", "--study_name", "crash",
+           "--optuna_storage", str(tmp_path / "optuna.db"), "--data_dir", str(SAMPLE_DIR)]
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # Kill it (no clean-up runs) once the first trial is done and the second has begun.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                trials = optuna.load_study(study_name="crash", storage=storage).trials
+            except KeyError:  # the study is not created yet
+                trials = []
+            if len(trials) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "tune finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        stop_process(proc)
+    subprocess.run(cmd, cwd=PROJECT_ROOT, check=True, capture_output=True, timeout=600)
+    states = [t.state for t in optuna.load_study(study_name="crash", storage=storage).trials]
+    # Trial 0 kept, trial 1 left behind by the crash (FAIL once its heartbeat is stale),
+    # and only one new trial to reach n_trials=2 finished.
+    assert states[0] == states[2] == optuna.trial.TrialState.COMPLETE
+    assert states[1] in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL)
+    assert len(states) == 3
