@@ -175,6 +175,8 @@ def test_bad_tune_parameters_say_what_to_choose():
         TuneConfig(models="cnn,vgg").validate()
     with pytest.raises(UserError, match="choose one of median, hyperband, none"):
         TuneConfig(pruner="asha").validate()
+    with pytest.raises(UserError, match="Unknown deployable 'onnx'"):
+        TuneConfig(train_best=True, deployable="onnx").validate()
 
 
 def test_tune_imports_only_what_it_needs():

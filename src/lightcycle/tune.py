@@ -74,6 +74,7 @@ class TuneConfig:
     model_name: str = "lightcycle-fashion"
     min_accuracy: float = 0.5
     method: str = "script"
+    deployable: str = "torchscript"  # for train_best, as main's: torchscript, pt2 or both
 
     @property
     def model_choices(self) -> tuple[str, ...]:
@@ -95,6 +96,10 @@ class TuneConfig:
             raise UserError("study_name must not be empty.")
         if self.precision == "16-mixed" and self.accelerator != "gpu":
             raise UserError("precision=16-mixed needs accelerator=gpu; on the CPU use bf16-mixed.")
+        if self.train_best:
+            from lightcycle.pipeline import parse_deployable
+
+            parse_deployable(self.deployable)  # a typo fails before the study, not after it
 
 
 def default_storage(tracking_uri: str) -> str:
@@ -421,6 +426,7 @@ def _train_best(cfg: TuneConfig, best: optuna.trial.FrozenTrial) -> None:
               "accelerator": cfg.accelerator, "devices": "1", "strategy": "auto",
               "num_workers": str(cfg.num_workers)}
     result = pipeline.run_pipeline(str(tracking.PROJECT_ROOT), params, cfg.model_name,
-                                   cfg.min_accuracy, cfg.method, force=False)
+                                   cfg.min_accuracy, cfg.method, force=False,
+                                   deployable=cfg.deployable)
     mlflow.set_tag(tracking.TAG_OUTPUT_URI, result.steps["train"].output_uri)
     print(pipeline.summary(result), flush=True)
