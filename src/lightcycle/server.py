@@ -150,10 +150,15 @@ class PostgresCluster:
 
     def stop(self, mode: str = "fast", timeout: float = 60) -> None:
         """Stop the postmaster (pg_ctl: it signals the postmaster's pid and waits for it)."""
-        if self.pid() is None:
+        pid = self.pid()
+        if pid is None:
             return
         self._run("pg_ctl", "stop", "-D", str(self.data), "-m", mode, "-w",
                   "-t", str(int(timeout)), timeout=timeout + 30)
+        # pg_ctl returns once postmaster.pid is gone, a moment before the process itself.
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def pid(self) -> int | None:
         """The running postmaster's process id, or None."""
@@ -202,8 +207,11 @@ class PostgresCluster:
                 out.write(line + "\n")
 
     def uri(self, dbname: str) -> str:
-        """SQLAlchemy URI without the password: libpq reads it from PGPASSFILE (env())."""
-        return f"postgresql://{dbname}@127.0.0.1:{self.port}/{dbname}"
+        """SQLAlchemy URI without the password: libpq reads it from PGPASSFILE (env()).
+
+        The driver is named because SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3.
+        """
+        return f"postgresql+psycopg2://{dbname}@127.0.0.1:{self.port}/{dbname}"
 
     def env(self) -> dict[str, str]:
         return {"PGPASSFILE": str(self.pgpass)}
@@ -273,6 +281,12 @@ def _auth_env(state: Path) -> dict[str, str]:
 
 
 def serve(state: Path, host: str, port: int, backend: str, auth: bool, workers: int) -> int:
+    if auth:
+        try:
+            import flask_wtf  # noqa: F401  (mlflow's basic-auth app imports it at start)
+        except ImportError:
+            raise UserError("--auth needs Flask-WTF (mlflow[auth]): "
+                            "`pip install -r requirements.txt`.") from None
     state = state.resolve()
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o755)  # the postgres user must traverse it to reach its cluster
