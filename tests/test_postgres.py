@@ -50,10 +50,13 @@ def assert_registry_consistent(client: MlflowClient, name: str) -> None:
         sources = [v.tags.get(lineage_tag) for v in versions]
         if model == name:  # register is idempotent per training run
             assert len(sources) == len(set(sources)), (model, sources)
-        champions = [v for v in versions if "champion" in v.aliases]
-        assert len(champions) <= 1
-        for v in champions:
-            assert v.tags.get("lightcycle.gate.decision") == "promoted", v.tags
+        if model != name and versions:
+            # search_model_versions leaves aliases empty: read them from the model.
+            champion = client.get_registered_model(model).aliases.get("champion")
+            if champion is not None:
+                v = client.get_model_version(model, champion)
+                assert v.status == "READY"
+                assert v.tags.get("lightcycle.gate.decision") == "promoted", v.tags
 
 
 def _wait(condition, timeout: float, what: str, proc: subprocess.Popen | None = None,
@@ -144,7 +147,10 @@ def test_concurrent_mains_on_postgresql_give_distinct_versions_and_one_champion(
     assert sorted(int(v.version) for v in eager) == [1, 2]
     assert sorted(int(v.version) for v in scripted) == [1, 2]
     assert len({v.tags["lightcycle.source_run_id"] for v in eager}) == 2
-    assert sum("champion" in v.aliases for v in scripted) == 1
+    # An alias names one version by construction: what can go wrong is none, or a version
+    # that is not READY or was never promoted (checked above).
+    champion = client.get_registered_model(model_name + "-scripted").aliases.get("champion")
+    assert champion in {"1", "2"}
 
 
 @pytest.fixture
