@@ -209,7 +209,8 @@ def test_team_server_starts_answers_keeps_state_and_stops(tmp_path, state_dir):
     # State persists: a second start (an existing cluster, new port) finds the experiment.
     proc, url, log = _start_team_server(tmp_path, state_dir, "--auth")
     try:
-        found = requests.get(api + "/get-by-name", params={"experiment_name": "team"},
+        found = requests.get(url + "/api/2.0/mlflow/experiments/get-by-name",
+                             params={"experiment_name": "team"},
                              auth=auth, timeout=30)
         assert found.status_code == 200, found.text
     finally:

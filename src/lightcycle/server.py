@@ -319,11 +319,7 @@ def serve(state: Path, host: str, port: int, backend: str, auth: bool, workers: 
     proc = subprocess.Popen(
         mlflow_server_command(backend_uri, state / "artifacts", host, port, workers, auth),
         env=env, start_new_session=True)
-    stopping = False
-
     def stop(signum, frame):
-        nonlocal stopping
-        stopping = True
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
@@ -336,6 +332,10 @@ def serve(state: Path, host: str, port: int, backend: str, auth: bool, workers: 
             print("export MLFLOW_TRACKING_USERNAME=admin  # then create real users\n"
                   f"export MLFLOW_TRACKING_PASSWORD=$(cat {state / 'admin-password'})",
                   flush=True)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"[server] listening on {host}: mlflow accepts only Host headers it knows "
+                  "(--allowed-hosts); put TLS in front before anyone else can reach it "
+                  "(README: Running for a team)", flush=True)
         print("[server] Ctrl-C stops it", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
