@@ -1,9 +1,9 @@
 """Shared fixtures: a real `mlflow server` on 127.0.0.1 and helpers to run entry points.
 
 Servers: `tracking_server` is the sqlite one every test gets by default. `backend_server` is a
-server per backend (sqlite, postgresql): a test that uses it, directly or through a module's
-`tracking_server` override (see test_chain.py), runs once per backend; `@pytest.mark.backends
-("sqlite")` narrows that. The postgresql variant runs on a throw-away PostgreSQL cluster and is
+server per backend (sqlite, postgresql): a test that uses it, directly, through
+`backend_experiment`, or through a module's `tracking_server` override (see test_chain.py),
+runs once per backend; `@pytest.mark.backends("sqlite")` narrows that. The postgresql variant runs on a throw-away PostgreSQL cluster and is
 skipped, saying why, where PostgreSQL is not installed.
 """
 
@@ -194,6 +194,24 @@ def experiment(tracking_uri, monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+@pytest.fixture
+def backend_experiment(backend_server, monkeypatch):
+    """`experiment`, on the server of each backend: the test runs once per backend.
+
+    For one test in a module that otherwise stays on sqlite; use it instead of
+    tracking_uri/experiment (which follow `tracking_server`). Returns (server, experiment_id).
+    """
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", backend_server.url)
+    mlflow.set_tracking_uri(backend_server.url)
+    experiment_id = mlflow.create_experiment(f"test-{uuid.uuid4().hex[:10]}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    yield backend_server, experiment_id
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

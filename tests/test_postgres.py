@@ -128,7 +128,8 @@ def test_postgres_outage_mid_run_leaves_no_half_registered_version(
 
 @pytest.mark.backends("postgresql")
 def test_concurrent_mains_on_postgresql_give_distinct_versions_and_one_champion(
-        tracking_server, tracking_uri, experiment, model_name, tmp_path):
+        backend_experiment, model_name, tmp_path):
+    _, experiment = backend_experiment
     client = MlflowClient()
     procs = [_start_main({"epochs": 1, "model_name": model_name, "min_accuracy": 0.1,
                           "seed": seed}, experiment, tmp_path / f"main-{seed}.log")
