@@ -297,6 +297,10 @@ def serve(state: Path, host: str, port: int, backend: str, auth: bool, workers: 
         backend = "sqlite" if reason else "postgresql"
         if reason:
             print(f"[server] PostgreSQL unavailable ({reason}); using sqlite", flush=True)
+        elif (state / "mlflow.db").exists():
+            # An earlier start without PostgreSQL left its runs there; do not hide them silently.
+            print(f"[server] note: {state / 'mlflow.db'} (an earlier sqlite store) is not used; "
+                  "pass --backend sqlite to serve it", flush=True)
     if backend == "postgresql":
         cluster = PostgresCluster(state / "postgres", free_port(), pgpass=state / "pgpass")
         if cluster.pid() is not None:
