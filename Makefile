@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo clean server
+.PHONY: venv test demo clean server postgres
 
 venv: $(STAMP)
 
@@ -21,8 +21,18 @@ $(STAMP): requirements.txt pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-test: venv
+# PostgreSQL 15 for the tests' postgresql variant: installed only where missing and root.
+postgres:
+	@scripts/ensure-postgres.sh
+
+test: venv postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# A team-style tracking server: PostgreSQL if installed (persistent, in .mlflow-server/),
+# sqlite otherwise; artifacts proxied. HOST=0.0.0.0 PORT=5000 AUTH=1 (basic auth).
+server: venv
+	$(BIN)/python -m lightcycle.server --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),5000) \
+		$(if $(filter 1 true yes,$(AUTH)),--auth)
 
 demo: venv
 	$(BIN)/python -m lightcycle.demo

@@ -1,4 +1,11 @@
-"""Shared fixtures: a real `mlflow server` on 127.0.0.1 and helpers to run entry points."""
+"""Shared fixtures: a real `mlflow server` on 127.0.0.1 and helpers to run entry points.
+
+Servers: `tracking_server` is the sqlite one every test gets by default. `backend_server` is a
+server per backend (sqlite, postgresql): a test that uses it, directly, through
+`backend_experiment`, or through a module's `tracking_server` override (see test_chain.py),
+runs once per backend; `@pytest.mark.backends("sqlite")` narrows that. The postgresql variant runs on a throw-away PostgreSQL cluster and is
+skipped, saying why, where PostgreSQL is not installed.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import requests
+
+from lightcycle.server import PostgresCluster, postgres_unavailable_reason
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
@@ -61,18 +71,24 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
         proc.wait(5)
 
 
+BACKENDS = ("sqlite", "postgresql")
+
+
 @dataclass
 class TrackingServer:
     url: str
     root: Path
     proc: subprocess.Popen
+    backend: str = "sqlite"
+    cluster: PostgresCluster | None = None  # the postgresql backend's cluster
 
     @property
     def artifacts(self) -> Path:
         return self.root / "artifacts"
 
 
-def start_tracking_server(root: Path, backend_uri: str | None = None) -> TrackingServer:
+def start_tracking_server(root: Path, backend_uri: str | None = None,
+                          env: dict[str, str] | None = None) -> TrackingServer:
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     backend_uri = backend_uri or f"sqlite:///{root / 'mlflow.db'}"
@@ -82,6 +98,7 @@ def start_tracking_server(root: Path, backend_uri: str | None = None) -> Trackin
          "--workers", "1", "--backend-store-uri", backend_uri,
          "--artifacts-destination", str(root / "artifacts")],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -93,10 +110,67 @@ def start_tracking_server(root: Path, backend_uri: str | None = None) -> Trackin
 
 
 @pytest.fixture(scope="session")
-def tracking_server(tmp_path_factory):
+def sqlite_server(tmp_path_factory):
     server = start_tracking_server(tmp_path_factory.mktemp("mlflow-server"))
     yield server
     stop_process(server.proc)
+
+
+@pytest.fixture(scope="session")
+def postgresql_cluster(tmp_path_factory):
+    """A throw-away PostgreSQL cluster on 127.0.0.1 with a database `mlflow`."""
+    reason = postgres_unavailable_reason()
+    if reason:
+        pytest.skip(f"PostgreSQL backend not tested: {reason}")
+    # pytest's tmp dirs are closed to other users; the cluster's owner (postgres) needs its own.
+    root = Path(tempfile.mkdtemp(prefix="lightcycle-pg-"))
+    root.chmod(0o755)
+    cluster = PostgresCluster(root / "cluster", free_port(),
+                              pgpass=tmp_path_factory.mktemp("pgpass") / "pgpass")
+    try:
+        cluster.init()
+        cluster.start()
+        cluster.create_database("mlflow")
+        yield cluster
+    finally:
+        try:
+            cluster.stop()
+        except Exception:
+            cluster.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgresql_server(postgresql_cluster, tmp_path_factory):
+    server = start_tracking_server(tmp_path_factory.mktemp("mlflow-server-pg"),
+                                   backend_uri=postgresql_cluster.uri("mlflow"),
+                                   env=postgresql_cluster.env())
+    server.backend, server.cluster = "postgresql", postgresql_cluster
+    yield server
+    stop_process(server.proc)
+
+
+@pytest.fixture(scope="session")
+def backend_server(request):
+    """The server on each backend: parametrized by pytest_generate_tests below."""
+    return request.getfixturevalue(f"{request.param}_server")
+
+
+def pytest_generate_tests(metafunc):
+    if "backend_server" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("backends")
+        backends = marker.args if marker else BACKENDS
+        # Session scope: pytest groups the tests by backend, so each server (and each
+        # module-scoped fixture built on it, like test_chain's chain) is set up once per backend.
+        metafunc.parametrize("backend_server", backends, indirect=True, ids=backends,
+                             scope="session")
+
+
+@pytest.fixture(scope="session")
+def tracking_server(sqlite_server):
+    """The default server: sqlite. Modules that must run on every backend override this
+    with `def tracking_server(backend_server): return backend_server`."""
+    return sqlite_server
 
 
 @pytest.fixture
@@ -120,6 +194,24 @@ def experiment(tracking_uri, monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+@pytest.fixture
+def backend_experiment(backend_server, monkeypatch):
+    """`experiment`, on the server of each backend: the test runs once per backend.
+
+    For one test in a module that otherwise stays on sqlite; use it instead of
+    tracking_uri/experiment (which follow `tracking_server`). Returns (server, experiment_id).
+    """
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", backend_server.url)
+    mlflow.set_tracking_uri(backend_server.url)
+    experiment_id = mlflow.create_experiment(f"test-{uuid.uuid4().hex[:10]}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    yield backend_server, experiment_id
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

@@ -1,4 +1,9 @@
-"""The lifecycle chain through `mlflow run .` against a real tracking server over HTTP."""
+"""The lifecycle chain through `mlflow run .` against a real tracking server over HTTP.
+
+Every test here runs once per tracking backend (sqlite, postgresql) through the same code;
+`@pytest.mark.backends("sqlite")` marks the few whose subject does not depend on the backend
+and that cost a full chain run.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,12 @@ def versions(name):
         return sorted(int(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'"))
     except mlflow.exceptions.MlflowException:
         return []
+
+
+@pytest.fixture(scope="module")
+def tracking_server(backend_server):
+    """This module's tests (and tracking_uri, experiment) use the server of each backend."""
+    return backend_server
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +240,7 @@ def test_failed_step_then_rerun_reuses_finished_steps(chain, tracking_uri):
     assert versions(chain["deployable"]) == [1]
 
 
+@pytest.mark.backends("sqlite")  # the artifact store, not the database, is what matters here
 def test_cache_miss_when_artifacts_were_deleted(tracking_uri, experiment, model_name, tracking_server):
     params = {"epochs": 1, "model_name": model_name, "min_accuracy": 0.1}
     check(mlflow_run("main", params, experiment))
@@ -243,6 +255,7 @@ def test_cache_miss_when_artifacts_were_deleted(tracking_uri, experiment, model_
     assert len(runs_of(experiment, "train", "FINISHED")) == 2
 
 
+@pytest.mark.backends("sqlite")  # a full re-run; the flag is read before any store call
 def test_force_reruns_everything(chain, tracking_uri):
     before = len(runs_of(chain["experiment"], "train"))
     result = check(mlflow_run("main", {"epochs": 1, "model_name": chain["name"], "min_accuracy": 0.2,
