@@ -455,7 +455,9 @@ def test_auth_read_only_user_cannot_move_champion(auth_server, auth_chain, monke
     name = auth_chain["deployable"]
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", auth_server["password"])
-    admin = mlflow.server.get_app_client("basic-auth", tracking_uri=auth_server["url"])
+    from mlflow.server import get_app_client
+
+    admin = get_app_client("basic-auth", tracking_uri=auth_server["url"])
     viewer_password = secrets.token_urlsafe(18)
     admin.create_user("viewer", viewer_password)
     admin.grant_user_permission("viewer", "registered_model", name, "READ")
