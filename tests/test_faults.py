@@ -260,11 +260,59 @@ def test_concurrent_mains_leave_one_champion_with_the_better_accuracy(two_chains
     assert [v.version for v in deployable] == ["1", "2"]
     for name in (CONCURRENT_NAME, two_chains["deployable"]):
         assert_registry_consistent(name, client)
-    holders = [v for v in deployable if registry.CHAMPION in v.aliases]
+    # search_model_versions leaves `aliases` empty: read each version.
+    holders = [v for v in deployable if registry.CHAMPION in
+               client.get_model_version(v.name, v.version).aliases]
     assert len(holders) == 1
     accuracy = {v.version: float(v.tags[promote.TAG_ACCURACY]) for v in deployable}
     assert accuracy[holders[0].version] == max(accuracy.values()), accuracy
     assert len(runs_of(two_chains["experiment"], "promote", "FINISHED")) == 2
+
+
+def test_concurrent_promotion_lock_serializes_read_compare_write(tracking_uri, experiment,
+                                                                  model_name):
+    """The lock `promote` takes around read-compare-move, hammered directly: four threads each
+    read a counter kept in the registry and write it back plus one, ten times. Any overlap of
+    two read-then-write sections loses an update."""
+    import threading
+
+    client = MlflowClient()
+    client.create_registered_model(model_name, tags={"counter": "0"})
+    holder = client.create_run(experiment)
+    errors, held = [], []
+
+    def worker():
+        try:
+            for _ in range(10):
+                with registry.promotion_lock(client, model_name, holder.info.run_id, poll=0.05):
+                    start = time.monotonic()
+                    value = int(client.get_registered_model(model_name).tags["counter"])
+                    client.set_registered_model_tag(model_name, "counter", str(value + 1))
+                    held.append((start, time.monotonic(), value, threading.get_ident()))
+        except Exception:  # noqa: BLE001 - reported below
+            import traceback
+            errors.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not errors, errors
+    held.sort()
+    overlaps = [(a, b) for a, b in zip(held, held[1:]) if b[0] < a[1]]
+    assert not overlaps, overlaps
+    assert client.get_registered_model(model_name).tags["counter"] == "40", sorted(h[2] for h in held)
+    with pytest.raises(MlflowException):
+        client.get_registered_model(model_name + registry.LOCK_SUFFIX)
+
+    # A lock left by a promote that died (its run is no longer RUNNING) is broken, not waited on.
+    client.create_registered_model(model_name + registry.LOCK_SUFFIX, tags={
+        registry.TAG_LOCK_OWNER: "dead", registry.TAG_LOCK_RUN: holder.info.run_id,
+        registry.TAG_LOCK_SINCE: f"{time.time():.3f}"})
+    client.set_terminated(holder.info.run_id, "KILLED")
+    with registry.promotion_lock(client, model_name, "another-run", timeout=30):
+        pass
 
 
 @pytest.fixture(scope="module")

@@ -239,6 +239,10 @@ def promotion_lock(client: MlflowClient, name: str, run_id: str, timeout: float 
                 description=f"Held while `promote` moves the aliases of {name}; deleted after.")
             break
         except MlflowException as exc:
+            # A create that loses the race while the holder releases comes back as
+            # RESOURCE_DOES_NOT_EXIST (the server looks the existing one up): try again.
+            if _not_found(exc):
+                continue
             if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                 raise
         holder = _lock_holder(client, lock)
@@ -259,7 +263,10 @@ def promotion_lock(client: MlflowClient, name: str, run_id: str, timeout: float 
     try:
         yield
     finally:
-        _delete_lock(client, lock)
+        # Release only our own lock: one broken as stale may already be someone else's.
+        holder = _lock_holder(client, lock)
+        if holder is not None and holder.get(TAG_LOCK_OWNER) == owner:
+            _delete_lock(client, lock)
 
 
 def _lock_holder(client: MlflowClient, lock: str) -> dict[str, str] | None:
@@ -273,10 +280,10 @@ def _lock_holder(client: MlflowClient, lock: str) -> dict[str, str] | None:
 
 def _lock_is_stale(client: MlflowClient, holder: dict[str, str], stale_after: float) -> bool:
     try:
-        since = float(holder.get(TAG_LOCK_SINCE, "0"))
-    except ValueError:
-        since = 0.0
-    if time.time() - since > stale_after:
+        since = float(holder[TAG_LOCK_SINCE])
+    except (KeyError, ValueError):
+        since = None  # not readable: judge by the holder's run only
+    if since is not None and time.time() - since > stale_after:
         return True
     run_id = holder.get(TAG_LOCK_RUN)
     if not run_id:
