@@ -215,10 +215,10 @@ def test_main_survives_tracking_server_restart_without_duplicates(restartable_se
     finally:
         returncode, output = finish(proc, log)
     assert server.restarts >= 1
-    if returncode != 0:
-        # Allowed: fail with a clear message, then complete on re-run.
-        assert "error:" in output, output[-3000:]
-        check(mlflow_run("main", params, experiment, env={"MLFLOW_TRACKING_URI": server.url}))
+    # With the bounded retries every step sets, an outage this short (one server start) is
+    # ridden out: `main` completes on the first try. (A longer one fails the step with an
+    # `error:` line and the same command completes on re-run; see the README.)
+    assert returncode == 0, output[-4000:]
     for name in (model_name, registry.deployable_name(model_name)):
         found = versions(name)
         assert [v.version for v in found] == ["1"], (name, [v.version for v in found])
