@@ -141,7 +141,7 @@ def check_tracking_server(timeout: float = 10.0) -> str:
 
     base = uri.rstrip("/")
     try:
-        response = requests.get(base + "/health", timeout=timeout)
+        response = requests.get(base + "/health", timeout=timeout, verify=_tls_verify())
     except requests.RequestException as exc:
         raise UserError(
             f"Cannot reach the MLflow tracking server at {uri} ({type(exc).__name__}). "
@@ -154,6 +154,13 @@ def check_tracking_server(timeout: float = 10.0) -> str:
         )
     check_credentials(base, timeout)
     return uri
+
+
+def _tls_verify() -> bool | str:
+    """The TLS settings MLflow's own client honours, so the check sees what the steps see."""
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return False
+    return os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
 
 
 def check_credentials(base: str, timeout: float = 10.0) -> None:
@@ -172,7 +179,7 @@ def check_credentials(base: str, timeout: float = 10.0) -> None:
     try:
         response = requests.post(base + "/api/2.0/mlflow/experiments/search",
                                  json={"max_results": 1}, auth=auth, headers=headers,
-                                 timeout=timeout)
+                                 timeout=timeout, verify=_tls_verify())
     except requests.RequestException as exc:
         raise UserError(f"The MLflow tracking server at {base} stopped answering "
                         f"({type(exc).__name__}). Check the server's log.") from None
