@@ -248,4 +248,15 @@ def _log_dataset(split: data.Split, data_dir: str, context: str, digest: str) ->
         name=f"fashion-mnist-{'train' if context == 'training' else 'test'}",
         digest=digest,
     )
-    mlflow.log_input(dataset, context=context)
+    # Two train runs logging the same dataset at once race inside MLflow's server (it looks the
+    # dataset up, then inserts it): the loser gets a unique-constraint error. Once the winner's
+    # row exists, logging again only links it to this run.
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            text = str(exc).lower()
+            if attempt == 2 or not ("unique" in text or "duplicate" in text):
+                raise
+            time.sleep(0.5 * (attempt + 1))
