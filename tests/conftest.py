@@ -87,17 +87,19 @@ class TrackingServer:
         return self.root / "artifacts"
 
 
-def start_tracking_server(root: Path, backend_uri: str | None = None,
+def start_tracking_server(root: Path, backend_uri: str | None = None, port: int | None = None,
+                          extra_args: list[str] | None = None,
                           env: dict[str, str] | None = None) -> TrackingServer:
+    """`mlflow server` on 127.0.0.1. Pass the same root, backend and port to restart one."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     backend_uri = backend_uri or f"sqlite:///{root / 'mlflow.db'}"
     log = root / "server.log"
     proc = subprocess.Popen(
         [os.path.join(VENV_BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", backend_uri,
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+         "--artifacts-destination", str(root / "artifacts"), *(extra_args or [])],
+        stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"

@@ -126,34 +126,6 @@ def test_postgres_outage_mid_run_leaves_no_half_registered_version(
     assert champion.status == "READY"
 
 
-@pytest.mark.backends("postgresql")
-def test_concurrent_mains_on_postgresql_give_distinct_versions_and_one_champion(
-        backend_experiment, model_name, tmp_path):
-    _, experiment = backend_experiment
-    client = MlflowClient()
-    procs = [_start_main({"epochs": 1, "model_name": model_name, "min_accuracy": 0.1,
-                          "seed": seed}, experiment, tmp_path / f"main-{seed}.log")
-             for seed in (1, 2)]
-    try:
-        for proc in procs:
-            proc.wait(timeout=900)
-    finally:
-        for proc in procs:
-            stop_process(proc)
-    for proc, seed in zip(procs, (1, 2)):
-        assert proc.returncode == 0, (tmp_path / f"main-{seed}.log").read_text()[-4000:]
-    assert_registry_consistent(client, model_name)
-    eager = _versions(client, model_name)
-    scripted = _versions(client, model_name + "-scripted")
-    assert sorted(int(v.version) for v in eager) == [1, 2]
-    assert sorted(int(v.version) for v in scripted) == [1, 2]
-    assert len({v.tags["lightcycle.source_run_id"] for v in eager}) == 2
-    # An alias names one version by construction: what can go wrong is none, or a version
-    # that is not READY or was never promoted (checked above).
-    champion = client.get_registered_model(model_name + "-scripted").aliases.get("champion")
-    assert champion in {"1", "2"}
-
-
 @pytest.fixture
 def state_dir():
     """Like the cluster fixture's: a dir the postgres user can reach (pytest's tmp is closed)."""

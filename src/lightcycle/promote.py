@@ -67,6 +67,15 @@ def promote(
     split = data.load_split(data_dir, "test")
 
     accuracy = pyfunc_accuracy(candidate.uri, split)
+    run_id = mlflow.active_run().info.run_id
+    # Read champion, compare, move: under the registry-side lock, so two promotes at once
+    # cannot both compare against the same old champion and let the later, worse one win.
+    with registry.promotion_lock(client, model_name, run_id):
+        return _gate(client, model_name, candidate, accuracy, min_accuracy, split, run_id)
+
+
+def _gate(client: MlflowClient, model_name: str, candidate: registry.ModelRef, accuracy: float,
+          min_accuracy: float, split: data.Split, run_id: str) -> GateResult:
     current = registry.alias_version(client, model_name, registry.CHAMPION)
     champion = registry.ModelRef(model_name, current.version) if current else None
     champion_accuracy = None
@@ -77,7 +86,6 @@ def promote(
     if already_champion:
         promoted, reason = False, f"version {candidate.version} already holds champion ({reason})"
 
-    run_id = mlflow.active_run().info.run_id
     metrics = {"gate_accuracy": accuracy, "gate_min_accuracy": min_accuracy,
                "gate_promoted": float(promoted)}
     if champion_accuracy is not None:
@@ -102,4 +110,3 @@ def promote(
             client.set_registered_model_alias(model_name, registry.PREVIOUS, champion.version)
         client.set_registered_model_alias(model_name, registry.CHAMPION, candidate.version)
     return GateResult(candidate, accuracy, champion, champion_accuracy, promoted, reason)
-

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from mlflow import MlflowClient
@@ -96,7 +98,8 @@ def wait_until_ready(client: MlflowClient, name: str, version: str, timeout: flo
         time.sleep(0.5)
 
 
-def find_version_for_run(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+def find_version_for_run(client: MlflowClient, name: str, run_id: str,
+                         ready_only: bool = True) -> ModelVersion | None:
     """The oldest live version of `name` registered from `run_id`, if any."""
     try:
         versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
@@ -104,7 +107,7 @@ def find_version_for_run(client: MlflowClient, name: str, run_id: str) -> ModelV
         if _not_found(exc):
             return None
         raise
-    live = [v for v in versions if v.status == "READY"]
+    live = [v for v in versions if v.status == "READY" or not ready_only]
     return min(live, key=lambda v: int(v.version)) if live else None
 
 
@@ -127,13 +130,32 @@ def register_model(
             raise
     # Over REST, a models:/m-<id> source must name its logged model explicitly.
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags,
-                                     model_id=model_id)
     try:
-        return wait_until_ready(client, name, mv.version), True
+        mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags,
+                                         model_id=model_id)
+    except MlflowException:
+        # The server may have committed the version and died before answering: look first.
+        mv = find_version_for_run(client, name, run_id, ready_only=False)
+        if mv is None:
+            raise
+    try:
+        mv = wait_until_ready(client, name, mv.version)
     except BaseException:
         _delete_quietly(client, name, mv.version)
         raise
+    return _drop_duplicates(client, name, run_id, mv), True
+
+
+def _drop_duplicates(client: MlflowClient, name: str, run_id: str,
+                     mine: ModelVersion) -> ModelVersion:
+    """Keep one version per run: the oldest. MLflow's client retries a POST whose answer was
+    lost (server restart), and each retry that reached the server made another version."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    keep = min(versions, key=lambda v: int(v.version), default=mine)
+    for version in versions:
+        if version.version != keep.version:
+            _delete_quietly(client, name, version.version)
+    return keep if keep.version == mine.version else wait_until_ready(client, name, keep.version)
 
 
 def _delete_quietly(client: MlflowClient, name: str, version: str) -> None:
@@ -186,3 +208,95 @@ def register_training_run(run_id: str, model_name: str = DEFAULT_MODEL_NAME) -> 
         TAG_TEST_ACCURACY: str(run.data.metrics.get("test_accuracy", "")),
     }
     return register_model(model_uri, model_name, run_id, tags, client)
+
+
+# The promotion lock is a registered model of its own: creating a registered model is the one
+# atomic compare-and-set the registry offers (the name is unique in every backend store; a
+# second create fails with RESOURCE_ALREADY_EXISTS), so it serializes read-compare-move across
+# processes and machines without any store outside MLflow.
+LOCK_SUFFIX = "--promotion-lock"
+TAG_LOCK_OWNER = "lightcycle.lock.owner"
+TAG_LOCK_RUN = "lightcycle.lock.run_id"
+TAG_LOCK_SINCE = "lightcycle.lock.since"
+
+
+@contextmanager
+def promotion_lock(client: MlflowClient, name: str, run_id: str, timeout: float = 600,
+                   stale_after: float = 300, poll: float = 0.5):
+    """Hold the promotion lock for registered model `name` while the block runs.
+
+    A lock is broken when its holder's run is no longer RUNNING (killed promote) or it is older
+    than `stale_after` seconds (a promote holds it for a few seconds: evaluate, move aliases).
+    """
+    lock = name + LOCK_SUFFIX
+    owner = uuid.uuid4().hex
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={TAG_LOCK_OWNER: owner, TAG_LOCK_RUN: run_id,
+                            TAG_LOCK_SINCE: f"{time.time():.3f}"},
+                description=f"Held while `promote` moves the aliases of {name}; deleted after.")
+            break
+        except MlflowException as exc:
+            # A create that loses the race while the holder releases comes back as
+            # RESOURCE_DOES_NOT_EXIST (the server looks the existing one up): try again.
+            if _not_found(exc):
+                continue
+            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+        holder = _lock_holder(client, lock)
+        if holder is None:
+            continue  # released between our create and our read
+        if holder.get(TAG_LOCK_OWNER) == owner:
+            break  # our create committed, its answer was lost and the retry found it
+        if _lock_is_stale(client, holder, stale_after):
+            _delete_lock(client, lock)
+            continue
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"Registered model {lock} (the promotion lock of {name}) is held by run "
+                f"{holder.get(TAG_LOCK_RUN)!r}. Wait for that promote to finish; if none is "
+                f"running, delete {lock} in the MLflow UI and re-run."
+            )
+        time.sleep(poll)
+    try:
+        yield
+    finally:
+        # Release only our own lock: one broken as stale may already be someone else's.
+        holder = _lock_holder(client, lock)
+        if holder is not None and holder.get(TAG_LOCK_OWNER) == owner:
+            _delete_lock(client, lock)
+
+
+def _lock_holder(client: MlflowClient, lock: str) -> dict[str, str] | None:
+    try:
+        return dict(client.get_registered_model(lock).tags)
+    except MlflowException as exc:
+        if _not_found(exc):
+            return None
+        raise
+
+
+def _lock_is_stale(client: MlflowClient, holder: dict[str, str], stale_after: float) -> bool:
+    try:
+        since = float(holder[TAG_LOCK_SINCE])
+    except (KeyError, ValueError):
+        since = None  # not readable: judge by the holder's run only
+    if since is not None and time.time() - since > stale_after:
+        return True
+    run_id = holder.get(TAG_LOCK_RUN)
+    if not run_id:
+        return False
+    try:
+        return client.get_run(run_id).info.status != "RUNNING"
+    except MlflowException:
+        return False
+
+
+def _delete_lock(client: MlflowClient, lock: str) -> None:
+    try:
+        client.delete_registered_model(lock)
+    except MlflowException as exc:
+        if not _not_found(exc):
+            raise

@@ -25,6 +25,27 @@ TAG_MODEL_ID = "lightcycle.model_id"
 
 _SOURCE_GLOBS = ("src/lightcycle/**/*.py", "steps/*.py", "MLproject", "requirements.txt")
 
+# MLflow's own client retries every request (connection refused, 408/429/5xx) with exponential
+# backoff: sleep = factor * 2**(n-1), first retry immediate. Its defaults (7 retries, factor 2)
+# wait about 4 minutes before a dead server surfaces. Factor 1 keeps 7 retries but bounds the
+# wait to about 2 minutes (0+2+4+...+64 s plus jitter): long enough to ride out a server
+# restart (15-30 s here), short enough that a real outage fails the step instead of hanging it.
+# Set as environment defaults so `mlflow run` children inherit them; a user's values win.
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1.0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+def configure_http_retries() -> None:
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+configure_http_retries()
+
 
 def git_commit(root: Path = PROJECT_ROOT) -> str | None:
     try:
@@ -109,7 +130,8 @@ def log_params_once(params: dict[str, object]) -> None:
 
 
 def check_tracking_server(timeout: float = 10.0) -> str:
-    """Fail at once, with the URI in the message, when an HTTP tracking server is unreachable."""
+    """Fail at once, with a message that says what to do, when an HTTP tracking server is
+    unreachable or refuses our credentials (instead of a retried, minutes-long traceback)."""
     import mlflow
 
     uri = mlflow.get_tracking_uri()
@@ -117,8 +139,9 @@ def check_tracking_server(timeout: float = 10.0) -> str:
         return uri
     import requests
 
+    base = uri.rstrip("/")
     try:
-        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        response = requests.get(base + "/health", timeout=timeout, verify=_tls_verify())
     except requests.RequestException as exc:
         raise UserError(
             f"Cannot reach the MLflow tracking server at {uri} ({type(exc).__name__}). "
@@ -129,7 +152,54 @@ def check_tracking_server(timeout: float = 10.0) -> str:
             f"The MLflow tracking server at {uri} answered /health with "
             f"{response.status_code}. Check the server's log."
         )
+    check_credentials(base, timeout)
     return uri
+
+
+def _tls_verify() -> bool | str:
+    """The TLS settings MLflow's own client honours, so the check sees what the steps see."""
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return False
+    return os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+
+
+def check_credentials(base: str, timeout: float = 10.0) -> None:
+    """One authenticated read, so a server with `--app-name basic-auth` fails us here, clearly.
+
+    Credentials come only from the environment (MLFLOW_TRACKING_USERNAME / _PASSWORD or
+    MLFLOW_TRACKING_TOKEN), as MLflow's own client reads them; they are never printed.
+    """
+    import requests
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    auth = (user, password or "") if user else None
+    try:
+        response = requests.post(base + "/api/2.0/mlflow/experiments/search",
+                                 json={"max_results": 1}, auth=auth, headers=headers,
+                                 timeout=timeout, verify=_tls_verify())
+    except requests.RequestException as exc:
+        raise UserError(f"The MLflow tracking server at {base} stopped answering "
+                        f"({type(exc).__name__}). Check the server's log.") from None
+    if response.status_code == 401:
+        if not (user or token):
+            raise UserError(
+                f"The MLflow tracking server at {base} requires credentials. Set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment "
+                "(never on the command line or in code)."
+            )
+        who = f"user {user!r}" if user else "the token in MLFLOW_TRACKING_TOKEN"
+        raise UserError(
+            f"The MLflow tracking server at {base} refused the credentials of {who}. Check "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (ask the server's admin)."
+        )
+    if response.status_code == 403:
+        raise UserError(
+            f"The MLflow tracking server at {base} denied {user or 'this client'!r} access "
+            "to experiments. Ask the server's admin for READ or EDIT permission."
+        )
 
 
 def tracking_uri() -> str:

@@ -194,8 +194,15 @@ def _train_and_log(cfg, trainer, module, datamodule, log_dir) -> str:
         _log_dataset(train_split, cfg.data_dir, "training", digest)
         _log_dataset(test_split, cfg.data_dir, "testing", digest)
 
+        resume = find_resumable_checkpoint(run.info.run_id, log_dir)
+        if resume is not None:
+            mlflow.set_tags({TAG_RESUMED_FROM: resume.run_id,
+                             TAG_RESUMED_EPOCH: str(resume.epoch),
+                             TAG_RESUMED_CHECKPOINT: resume.artifact})
+            print(f"resuming from run {resume.run_id}: checkpoint {resume.artifact} "
+                  f"(epoch {resume.epoch + 1} of {cfg.epochs} done)", flush=True)
         start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
         mlflow.log_metric("fit_seconds", time.perf_counter() - start)
 
         net = module.net.float().cpu().eval()
@@ -215,6 +222,69 @@ def _train_and_log(cfg, trainer, module, datamodule, log_dir) -> str:
         return run.info.run_id
 
 
+TAG_RESUMED_FROM = "lightcycle.resumed_from"
+TAG_RESUMED_EPOCH = "lightcycle.resumed_from_epoch"
+TAG_RESUMED_CHECKPOINT = "lightcycle.resumed_checkpoint"
+_CHECKPOINT_TAG = "mlflow.latest_checkpoint_artifact"
+_RESUME_PARAMS = ("model", "epochs", "batch_size", "learning_rate", "weight_decay", "seed",
+                  "data_dir", "precision", "val_fraction", "width", "depth")
+
+
+@dataclass(frozen=True)
+class Resume:
+    run_id: str
+    artifact: str
+    path: str
+    epoch: int  # 0-based epoch the checkpoint was taken after
+
+
+def find_resumable_checkpoint(run_id: str, dst: str) -> Resume | None:
+    """The newest checkpoint of an earlier train run that died (FAILED or KILLED) in this
+    experiment with the same parameters and code version; downloaded to `dst`.
+
+    Autolog logs a full Lightning checkpoint (weights, optimizer, scheduler, epoch) after each
+    epoch, so resuming from it loses at most the epoch in progress. The tag naming the latest
+    checkpoint is set before its file is uploaded: a file that is missing or unreadable falls
+    back to the epoch before it. Checkpoints are pickles: only this experiment's own train runs,
+    on the same tracking server, are ever loaded.
+    """
+    import torch
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    current = client.get_run(run_id)
+    params = {k: current.data.params.get(k) for k in _RESUME_PARAMS}
+    query = (f"tags.`{tracking.TAG_ENTRY_POINT}` = 'train' "
+             f"and tags.`{tracking.TAG_CODE_VERSION}` = "
+             f"'{current.data.tags.get(tracking.TAG_CODE_VERSION, '')}'")
+    candidates = client.search_runs([current.info.experiment_id], query,
+                                    order_by=["attributes.start_time DESC"], max_results=50)
+    for run in candidates:
+        if (run.info.run_id == run_id or run.info.status not in ("FAILED", "KILLED")
+                or _CHECKPOINT_TAG not in run.data.tags
+                or any(run.data.params.get(k) != v for k, v in params.items())):
+            continue
+        filename = run.data.tags[_CHECKPOINT_TAG].rsplit("/", 1)[-1]
+        try:
+            epochs = sorted((int(f.path.rsplit("_", 1)[-1])
+                             for f in client.list_artifacts(run.info.run_id, "checkpoints")
+                             if f.is_dir and f.path.rsplit("/", 1)[-1].startswith("epoch_")),
+                            reverse=True)
+        except MlflowException:
+            continue
+        for epoch in epochs:
+            artifact = f"checkpoints/epoch_{epoch}/{filename}"
+            try:
+                path = client.download_artifacts(run.info.run_id, artifact, dst)
+                # Loading it here proves the upload is whole before Lightning relies on it.
+                torch.load(path, map_location="cpu", weights_only=False)
+            except Exception:  # noqa: BLE001 - a torn upload may fail in many ways: try older
+                continue
+            return Resume(run.info.run_id, artifact, path, epoch)
+    return None
+
+
 def _log_dataset(split: data.Split, data_dir: str, context: str, digest: str) -> None:
     dataset = mlflow.data.from_numpy(
         split.images,
@@ -223,4 +293,15 @@ def _log_dataset(split: data.Split, data_dir: str, context: str, digest: str) ->
         name=f"fashion-mnist-{'train' if context == 'training' else 'test'}",
         digest=digest,
     )
-    mlflow.log_input(dataset, context=context)
+    # Two train runs logging the same dataset at once race inside MLflow's server (it looks the
+    # dataset up, then inserts it): the loser gets a unique-constraint error. Once the winner's
+    # row exists, logging again only links it to this run.
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            text = str(exc).lower()
+            if attempt == 2 or not ("unique" in text or "duplicate" in text):
+                raise
+            time.sleep(0.5 * (attempt + 1))
