@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 import requests
 
 from lightcycle.server import PostgresCluster, postgres_unavailable_reason
+from lightcycle.server import stop_process_group as stop_process
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
@@ -54,21 +54,6 @@ def wait_for_http(url: str, proc: subprocess.Popen | None, timeout: float, log: 
             pass
         time.sleep(0.25)
     raise TimeoutError(f"{url} did not answer 200 within {timeout}s")
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
-    """Stop a process started with start_new_session=True, and its children, by process id."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(5)
 
 
 BACKENDS = ("sqlite", "postgresql")

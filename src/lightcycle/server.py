@@ -345,22 +345,24 @@ def serve(state: Path, host: str, port: int, backend: str, auth: bool, workers: 
     except KeyboardInterrupt:
         return 0
     finally:
-        _stop_group(proc)
+        stop_process_group(proc, timeout=20)
         if cluster is not None:
             cluster.stop()
         print("[server] stopped", flush=True)
 
 
-def _stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+def stop_process_group(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Stop a process started with start_new_session=True, and its children, by process id."""
     if proc.poll() is not None:
         return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait(5)
 
 
