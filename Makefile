@@ -31,11 +31,11 @@ test: venv postgres
 # A team-style tracking server: PostgreSQL if installed (persistent, in .mlflow-server/),
 # sqlite otherwise; artifacts proxied. HOST=0.0.0.0 PORT=5000 AUTH=1 (basic auth).
 server: venv
-	$(BIN)/python -m lightcycle.server --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),5000) \
+	$(BIN)/python -m lightcycle.operations.tracking_server --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),5000) \
 		$(if $(filter 1 true yes,$(AUTH)),--auth)
 
 demo: venv
-	$(BIN)/python -m lightcycle.demo
+	$(BIN)/python -m lightcycle.operations.demo
 
 clean:
 	rm -rf $(VENV) mlflow.db optuna.db mlartifacts lightning_logs

@@ -20,17 +20,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import save
+from common import free_port, save
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from lightcycle.server import (PostgresCluster, free_port, mlflow_server_command,  # noqa: E402
-                               wait_healthy)
+from lightcycle.operations.postgres import PostgresCluster  # noqa: E402
+from lightcycle.operations.tracking_server import mlflow_server_command, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_MODULES = {
-    "train": "lightcycle.train", "register": "lightcycle.registry",
-    "torchscript": "lightcycle.export", "promote": "lightcycle.promote",
-    "main": "lightcycle.pipeline", "lineage": "lightcycle.lineage", "serve": "lightcycle.serve",
+    "train": "lightcycle.training.train", "register": "lightcycle.lifecycle.registry",
+    "torchscript": "lightcycle.lifecycle.export", "promote": "lightcycle.lifecycle.promote",
+    "main": "lightcycle.lifecycle.pipeline", "lineage": "lightcycle.lifecycle.lineage", "serve": "lightcycle.serving.scoring_server",
 }
 
 

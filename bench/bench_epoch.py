@@ -1,4 +1,4 @@
-"""Epoch time: `lightcycle.train` (Lightning) vs a plain PyTorch loop, same net/data/threads.
+"""Epoch time: `lightcycle.training.train` (Lightning) vs a plain PyTorch loop, same net/data/threads.
 
     .venv/bin/python bench/bench_epoch.py [--epochs 6]
 
@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from common import save
-from lightcycle import data
-from lightcycle.classifier import FashionClassifier
-from lightcycle.datamodule import FashionMNISTDataModule, augment
-from lightcycle.nets import build_net
+from lightcycle.model import data
+from lightcycle.model.classifier import FashionClassifier
+from lightcycle.model.datamodule import FashionMNISTDataModule, augment
+from lightcycle.model.nets import build_net
 
 
 class EpochTimer(L.Callback):

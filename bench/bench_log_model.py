@@ -13,8 +13,8 @@ import time
 import mlflow
 
 from common import save
-from lightcycle import model_io
-from lightcycle.nets import build_net
+from lightcycle.lifecycle import model_io
+from lightcycle.model.nets import build_net
 
 
 def main(repeats: int = 5):

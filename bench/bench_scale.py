@@ -6,23 +6,16 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import save
+from common import free_port, save
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "steps/train.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def timed(cmd, env, check=True, timeout=None) -> tuple[float, int | None]:

@@ -7,7 +7,7 @@ at that batch size and then `--seconds` of calls, so TorchScript's profiling exe
 a second shape (which would make it re-specialize and measure that instead).
 
 Served: `mlflow models serve` on a deployable saved exactly as the chain logs it
-(lightcycle.export.deployable_model_kwargs), one client with keep-alive, on this same machine,
+(lightcycle.lifecycle.export.deployable_model_kwargs), one client with keep-alive, on this same machine,
 once per format. Then the batch-64 request is split into its parts in-process (JSON parse,
 list -> ndarray, predict, response JSON) to show where the served time goes.
 """
@@ -31,8 +31,9 @@ import requests
 import torch
 
 from common import save
-from lightcycle import data, export
-from lightcycle.nets import build_net
+from lightcycle.lifecycle import export
+from lightcycle.model import data
+from lightcycle.model.nets import build_net
 
 warnings.simplefilter("ignore", FutureWarning)
 

@@ -1,12 +1,17 @@
-"""Shared bits for the benchmarks: machine description and a results writer."""
+"""Shared bits for the benchmarks: machine description, a results writer, and the tests' process
+machinery (tests/processes.py: free ports, waiting for HTTP, stopping process groups)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from processes import free_port, stop_process, wait_for_http  # noqa: E402,F401
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

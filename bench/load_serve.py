@@ -192,7 +192,7 @@ def standard_mix(model_uri: str) -> list[Request]:
     import mlflow
 
     sys.path.insert(0, str(ROOT / "src"))
-    from lightcycle import data
+    from lightcycle.model import data
 
     test = data.load_split(SAMPLE_DIR, "test")
     predicted = mlflow.pyfunc.load_model(model_uri).predict(test.images[:, None].astype(np.float32))

@@ -2,17 +2,18 @@
 
 import argparse
 
-from lightcycle.tracking import run_step
+from lightcycle import defaults
+from lightcycle.cli import run_step, text
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model_uri", default="models:/lightcycle-fashion-scripted@champion")
+    parser.add_argument("--model_uri", type=text, default=defaults.SERVE["model_uri"])
     args = parser.parse_args(argv)
 
-    from lightcycle import lineage, tracking
+    from lightcycle.lifecycle import connection, lineage
 
-    tracking.check_tracking_server()
+    connection.check_tracking_server()
     print(lineage.describe(args.model_uri))
 
 

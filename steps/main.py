@@ -2,41 +2,43 @@
 
 import argparse
 
-from lightcycle.tracking import run_step
+from lightcycle import defaults
+from lightcycle.cli import boolean, run_step, text
 
-TRAIN_DEFAULTS = {
-    "model": "cnn", "epochs": "40", "batch_size": "32", "learning_rate": "0.005",
-    "weight_decay": "0.0001", "seed": "42", "data_dir": "data/sample", "download": "false",
-    "precision": "32", "accelerator": "cpu", "devices": "1", "strategy": "auto",
-    "num_workers": "0",
-}
+# The train parameters `main` passes on (num_nodes, width and depth keep their defaults).
+CHAIN_TRAIN_PARAMS = ("model", "epochs", "batch_size", "learning_rate", "weight_decay", "seed",
+                      "data_dir", "download", "precision", "accelerator", "devices", "strategy",
+                      "num_workers")
 
 
 def main(argv=None):
-    from lightcycle.cli import boolean
+    from lightcycle.lifecycle.tracking import canonical_param
 
     parser = argparse.ArgumentParser(description=__doc__)
-    # Train params stay strings: they are passed on and compared exactly as MLflow stores them.
-    for name, default in TRAIN_DEFAULTS.items():
-        parser.add_argument(f"--{name}", default=default)
-    parser.add_argument("--model_name", default="lightcycle-fashion")
-    parser.add_argument("--min_accuracy", default="0.5")
-    parser.add_argument("--method", default="script", help="TorchScript conversion: script|trace")
-    parser.add_argument("--deployable", default="torchscript", help="torchscript|pt2|both")
-    parser.add_argument("--force", type=boolean, default=False)
+    # Train params stay strings: they are passed on as MLflow stores them.
+    for name in CHAIN_TRAIN_PARAMS:
+        default = defaults.TRAIN[name]
+        parser.add_argument(f"--{name}", type=text, default=canonical_param(default, default))
+    parser.add_argument("--model_name", type=text, default=defaults.CHAIN["model_name"])
+    parser.add_argument("--min_accuracy", type=float, default=defaults.CHAIN["min_accuracy"])
+    parser.add_argument("--method", type=text, default=defaults.CHAIN["method"],
+                        help="TorchScript conversion: script|trace")
+    parser.add_argument("--deployable", type=text, default=defaults.CHAIN["deployable"],
+                        help="torchscript|pt2|both")
+    parser.add_argument("--force", type=boolean, default=defaults.CHAIN["force"])
     args = parser.parse_args(argv)
 
     import mlflow
 
-    from lightcycle import pipeline, tracking
+    from lightcycle.lifecycle import connection, pipeline, tracking
 
     pipeline.parse_deployable(args.deployable)  # a typo fails before anything runs
-    tracking.check_tracking_server()
+    connection.check_tracking_server()
     with mlflow.start_run():
         mlflow.set_tags(tracking.step_tags("main"))
         result = pipeline.run_pipeline(
             str(tracking.PROJECT_ROOT),
-            {name: getattr(args, name) for name in TRAIN_DEFAULTS},
+            {name: getattr(args, name) for name in CHAIN_TRAIN_PARAMS},
             args.model_name, args.min_accuracy, args.method, args.force, args.deployable,
         )
     print(pipeline.summary(result))

@@ -2,20 +2,21 @@
 
 import argparse
 
-from lightcycle.tracking import run_step
+from lightcycle import defaults
+from lightcycle.cli import run_step, text
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--run_id", required=True)
-    parser.add_argument("--model_name", default="lightcycle-fashion")
+    parser.add_argument("--run_id", type=text, required=True)
+    parser.add_argument("--model_name", type=text, default=defaults.MODEL_NAME)
     args = parser.parse_args(argv)
 
     import mlflow
 
-    from lightcycle import registry, tracking
+    from lightcycle.lifecycle import connection, registry, tracking
 
-    tracking.check_tracking_server()
+    connection.check_tracking_server()
     with mlflow.start_run():
         mlflow.set_tags(tracking.step_tags("register"))
         mv, created = registry.register_training_run(args.run_id, args.model_name)

@@ -2,21 +2,23 @@
 
 import argparse
 
-from lightcycle.tracking import run_step
+from lightcycle import defaults
+from lightcycle.cli import integer, run_step, text
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model_uri", default="models:/lightcycle-fashion-scripted@champion")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=lambda v: int(float(v)), default=5001)
-    parser.add_argument("--workers", type=lambda v: int(float(v)), default=1)
+    parser.add_argument("--model_uri", type=text, default=defaults.SERVE["model_uri"])
+    parser.add_argument("--host", type=text, default=defaults.SERVE["host"])
+    parser.add_argument("--port", type=integer, default=defaults.SERVE["port"])
+    parser.add_argument("--workers", type=integer, default=defaults.SERVE["workers"])
     args = parser.parse_args(argv)
 
-    from lightcycle import serve, tracking
+    from lightcycle.lifecycle import connection
+    from lightcycle.serving import scoring_server
 
-    tracking.check_tracking_server()
-    serve.exec_server(args.model_uri, args.host, args.port, args.workers)
+    connection.check_tracking_server()
+    scoring_server.exec_server(args.model_uri, args.host, args.port, args.workers)
 
 
 if __name__ == "__main__":

@@ -3,27 +3,32 @@ register the deployable."""
 
 import argparse
 
-from lightcycle.tracking import run_step
+from lightcycle import defaults
+from lightcycle.cli import run_step, text
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model_uri", required=True, help="models:/<name>/<version> or @<alias>")
-    parser.add_argument("--method", default="script", help="script|trace (TorchScript) or export (pt2)")
-    parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--deployable_name", default="")
+    parser.add_argument("--model_uri", type=text, required=True,
+                        help="models:/<name>/<version> or @<alias>")
+    parser.add_argument("--method", type=text, default=defaults.CHAIN["method"],
+                        help="script|trace (TorchScript) or export (pt2)")
+    parser.add_argument("--data_dir", type=text, default=defaults.DATA_DIR)
+    parser.add_argument("--deployable_name", type=text, default=defaults.AUTO,
+                        help="registered name; auto: <name>-scripted, or <name>-pt2 for export")
     args = parser.parse_args(argv)
 
     import mlflow
 
-    from lightcycle import data, export, tracking
+    from lightcycle.lifecycle import connection, export, tracking
+    from lightcycle.model import data
 
-    tracking.check_tracking_server()
+    connection.check_tracking_server()
     with mlflow.start_run():
-        mlflow.set_tags(tracking.step_tags("torchscript"))
-        result = export.publish(args.model_uri, args.method,
-                                args.data_dir or data.default_data_dir(),
-                                args.deployable_name or None)
+        mlflow.set_tags({**tracking.step_tags("torchscript"),
+                         tracking.TAG_DATA_DIGEST: data.dataset_digest(args.data_dir)})
+        name = None if args.deployable_name == defaults.AUTO else args.deployable_name
+        result = export.publish(args.model_uri, args.method, args.data_dir, name)
     print(f"parity: {result.parity.describe()} ({result.stage})")
     print(f"registered {result.version.uri} from {result.source.uri} with alias challenger")
 

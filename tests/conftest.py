@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 
-from lightcycle.server import PostgresCluster, postgres_unavailable_reason
-from lightcycle.server import stop_process_group as stop_process
+from lightcycle.operations.postgres import PostgresCluster, postgres_unavailable_reason
+from processes import free_port, stop_process, wait_for_http  # noqa: F401 - re-exported to tests
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
@@ -33,27 +30,6 @@ VENV_BIN = str(Path(sys.executable).parent)
 # `mlflow run` and `mlflow models serve` exec `python`/`uvicorn` by name: the venv leads PATH.
 os.environ["PATH"] = VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, proc: subprocess.Popen | None, timeout: float, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            detail = log.read_text()[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"process for {url} exited with {proc.returncode}:\n{detail}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout}s")
 
 
 BACKENDS = ("sqlite", "postgresql")

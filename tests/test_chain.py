@@ -16,7 +16,8 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import SAMPLE_DIR, check, mlflow_run, runs_of
-from lightcycle import data, export, pipeline, promote, registry
+from lightcycle.lifecycle import export, pipeline, promote, registry
+from lightcycle.model import data
 
 pytestmark = pytest.mark.slow
 
@@ -177,7 +178,8 @@ def test_register_refuses_unknown_run_clearly(chain, tracking_uri, model_name):
     assert versions(model_name) == []
 
 
-def test_parity_failure_blocks_logging_and_registration(chain, tracking_uri, experiment, model_name):
+def test_parity_failure_blocks_logging_and_registration(chain, tracking_uri, experiment, model_name,
+                                                         monkeypatch):
     def perturb(module):
         class Shifted(torch.nn.Module):
             def __init__(self, inner):
@@ -189,10 +191,12 @@ def test_parity_failure_blocks_logging_and_registration(chain, tracking_uri, exp
 
         return torch.jit.script(Shifted(module))
 
+    # The fault is injected where the product converts: every converted module is off by 0.01.
+    convert = export.convert
+    monkeypatch.setattr(export, "convert", lambda *args: perturb(convert(*args)))
     with pytest.raises(export.ParityError, match=r"max \|logit diff\| 0.01"):
         with mlflow.start_run() as run:
-            export.publish(f"models:/{chain['name']}/1", "script", SAMPLE_DIR, model_name,
-                           tamper=perturb)
+            export.publish(f"models:/{chain['name']}/1", "script", SAMPLE_DIR, model_name)
     finished = mlflow.get_run(run.info.run_id)
     assert finished.info.status == "FAILED"
     assert finished.outputs is None or not finished.outputs.model_outputs

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
 import yaml
 
 from conftest import PROJECT_ROOT
@@ -55,14 +56,102 @@ def _modules_after(imports: str) -> set[str]:
     return set(out.stdout.split())
 
 
-def test_register_promote_and_main_do_not_import_lightning():
-    loaded = _modules_after("import lightcycle.registry, lightcycle.promote, lightcycle.pipeline")
-    assert "lightning" not in loaded and "pytorch_lightning" not in loaded
-    assert "torch" not in _modules_after("import lightcycle.registry, lightcycle.pipeline")
+def test_register_and_main_do_not_import_torch():
+    loaded = _modules_after("import lightcycle.lifecycle.registry, lightcycle.lifecycle.pipeline")
+    assert "torch" not in loaded
+
+
+SRC = PROJECT_ROOT / "src" / "lightcycle"
+# subpackage -> module prefixes none of its modules may import, directly or through others.
+LAYER_RULES = {
+    "model": ("mlflow",),
+    "lifecycle": ("lightning", "pytorch_lightning", "lightcycle.training"),
+    "serving": ("lightcycle.training", "lightning", "pytorch_lightning"),
+}
+
+
+def _direct_imports(path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(LAYER_RULES))
+def test_layers_keep_their_import_rules(package):
+    """The model never imports mlflow; the lifecycle never imports Lightning; serving never
+    imports training. Checked on each module's own import statements (lazy ones included),
+    and on everything importing the whole subpackage loads."""
+    forbidden = LAYER_RULES[package]
+    modules = sorted(p for p in (SRC / package).glob("*.py"))
+    assert modules
+    for path in modules:
+        bad = {n for n in _direct_imports(path) for f in forbidden if n == f or n.startswith(f + ".")}
+        assert not bad, f"{path.relative_to(PROJECT_ROOT)} imports {sorted(bad)}"
+    names = ", ".join(f"lightcycle.{package}.{p.stem}" for p in modules if p.stem != "__init__")
+    loaded = _modules_after(f"import {names}")
+    assert not [m for m in loaded for f in forbidden if m == f or m.startswith(f + ".")]
+
+
+def test_every_module_opens_with_what_it_is_for():
+    for path in sorted(SRC.rglob("*.py")):
+        doc = ast_docstring(path)
+        assert doc and doc.strip().splitlines()[0].strip(), f"{path} has no opening docstring"
+
+
+def ast_docstring(path):
+    import ast
+
+    return ast.get_docstring(ast.parse(path.read_text()))
+
+
+def test_mlproject_defaults_are_the_ones_in_defaults_py():
+    from lightcycle import defaults
+    from lightcycle.lifecycle.step_cache import STEP_DEFAULTS
+    from lightcycle.lifecycle.tracking import canonical_param
+
+    project = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())["entry_points"]
+    expected = {
+        "train": {**defaults.TRAIN, "resume": True},
+        "main": {**{k: defaults.TRAIN[k] for k in project["main"]["parameters"]
+                    if k in defaults.TRAIN}, **defaults.CHAIN},
+        "tune": {**{k: defaults.TRAIN[k] for k in ("seed", "data_dir", "download", "precision",
+                                                   "accelerator", "num_workers")},
+                 **defaults.TUNE, **{k: v for k, v in defaults.CHAIN.items() if k != "force"}},
+        "register": STEP_DEFAULTS["register"],
+        "torchscript": STEP_DEFAULTS["torchscript"],
+        "promote": {**STEP_DEFAULTS["promote"], "model_name": defaults.MODEL_NAME + "-scripted"},
+        "lineage": {"model_uri": defaults.SERVE["model_uri"]},
+        "serve": defaults.SERVE,
+        "predict": {"model_uri": defaults.SERVE["model_uri"], "output": defaults.AUTO,
+                    "batch_size": defaults.PREDICT_BATCH_SIZE},
+    }
+    assert set(expected) == set(project)
+    for entry, params in project.items():
+        declared = {k: spec["default"] for k, spec in params["parameters"].items() if "default" in spec}
+        assert set(declared) == set(expected[entry]), entry
+        for name, value in expected[entry].items():
+            assert canonical_param(declared[name], value) == canonical_param(value, value), \
+                f"MLproject {entry}.{name} = {declared[name]!r}, defaults.py says {value!r}"
+
+
+def test_no_parameter_default_is_empty():
+    """MLflow shell-quotes every value: an empty default reaches a step as '' or worse."""
+    project = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())["entry_points"]
+    for entry, spec in project.items():
+        for name, param in spec["parameters"].items():
+            assert str(param.get("default", "x")).strip() not in ("", "''"), f"{entry}.{name}"
+        assert '"{' not in spec["command"], f"{entry}: MLflow quotes values itself"
 
 
 def test_serving_model_is_self_contained():
-    source = (PROJECT_ROOT / "src/lightcycle/serving_model.py").read_text()
+    source = (PROJECT_ROOT / "src/lightcycle/serving/serving_model.py").read_text()
     assert "lightcycle" not in re.findall(r"^(?:from|import) (\S+)", source, re.M)
     assert not [m for m in re.findall(r"^(?:from|import) (\S+)", source, re.M)
                 if m.split(".")[0] not in {"__future__", "numpy", "pandas", "mlflow", "torch"}]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_DIR, check, copy_sample, mlflow_run, runs_of
-from lightcycle import data
-from lightcycle.data import DataError
+from lightcycle.model import data
+from lightcycle.model.data import DataError
 
 
 def test_sample_matches_torchvision_reader():
@@ -127,7 +127,7 @@ BAD_DATA = {
 
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
 def test_bad_data_fails_clearly_and_leaves_no_finished_run(case, tmp_path, experiment):
-    from lightcycle.train import TrainConfig, train
+    from lightcycle.training.train import TrainConfig, train
 
     root = copy_sample(tmp_path)
     culprit, kind = BAD_DATA[case](root)

@@ -31,7 +31,7 @@ import pytest
 import requests
 
 from conftest import PROJECT_ROOT, SAMPLE_DIR, VENV_BIN, free_port, stop_process, wait_for_http
-from lightcycle import data
+from lightcycle.model import data
 
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 ENTRYPOINT = PROJECT_ROOT / "docker" / "entrypoint.sh"
@@ -90,7 +90,7 @@ def _dockerfile_args() -> dict[str, str]:
 def _train_cnn(epochs: int = 3):
     import torch
 
-    from lightcycle import nets
+    from lightcycle.model import nets
 
     torch.manual_seed(0)
     train = data.load_split(SAMPLE_DIR, "train")
@@ -109,8 +109,8 @@ def _train_cnn(epochs: int = 3):
 
 
 def _deployable_kwargs(archive: Path) -> dict:
-    """Exactly what the chain logs (lightcycle.export), minus the run and registry."""
-    from lightcycle import export
+    """Exactly what the chain logs (lightcycle.lifecycle.export), minus the run and registry."""
+    from lightcycle.lifecycle import export
 
     return export.deployable_model_kwargs(str(archive), "torchscript")
 

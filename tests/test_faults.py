@@ -25,7 +25,9 @@ from mlflow.exceptions import MlflowException
 
 from conftest import (PROJECT_ROOT, SAMPLE_DIR, check, free_port, mlflow_run, runs_of,
                       start_tracking_server, stop_process, wait_for_http)
-from lightcycle import data, promote, registry, serve
+from lightcycle.lifecycle import promote, promotion_lock, registry
+from lightcycle.model import data
+from lightcycle.serving import scoring_server
 
 sys.path.insert(0, str(PROJECT_ROOT / "bench"))
 import load_serve  # noqa: E402  (the load generator lives in bench/, shared with BENCHMARKS.md)
@@ -116,7 +118,7 @@ def assert_registry_consistent(name: str, client: MlflowClient | None = None) ->
     if champion is not None:
         assert champion.status == "READY"
     with pytest.raises(MlflowException):
-        client.get_registered_model(name + registry.LOCK_SUFFIX)
+        client.get_registered_model(name + promotion_lock.LOCK_SUFFIX)
 
 
 # --- crash and resume ------------------------------------------------------------------------
@@ -287,7 +289,7 @@ def test_concurrent_promotion_lock_serializes_read_compare_write(tracking_uri, e
     def worker():
         try:
             for _ in range(10):
-                with registry.promotion_lock(client, model_name, holder.info.run_id, poll=0.05):
+                with promotion_lock.promotion_lock(client, model_name, holder.info.run_id, poll=0.05):
                     start = time.monotonic()
                     value = int(client.get_registered_model(model_name).tags["counter"])
                     client.set_registered_model_tag(model_name, "counter", str(value + 1))
@@ -307,14 +309,14 @@ def test_concurrent_promotion_lock_serializes_read_compare_write(tracking_uri, e
     assert not overlaps, overlaps
     assert client.get_registered_model(model_name).tags["counter"] == "40", sorted(h[2] for h in held)
     with pytest.raises(MlflowException):
-        client.get_registered_model(model_name + registry.LOCK_SUFFIX)
+        client.get_registered_model(model_name + promotion_lock.LOCK_SUFFIX)
 
     # A lock left by a promote that died (its run is no longer RUNNING) is broken, not waited on.
-    client.create_registered_model(model_name + registry.LOCK_SUFFIX, tags={
-        registry.TAG_LOCK_OWNER: "dead", registry.TAG_LOCK_RUN: holder.info.run_id,
-        registry.TAG_LOCK_SINCE: f"{time.time():.3f}"})
+    client.create_registered_model(model_name + promotion_lock.LOCK_SUFFIX, tags={
+        promotion_lock.TAG_LOCK_OWNER: "dead", promotion_lock.TAG_LOCK_RUN: holder.info.run_id,
+        promotion_lock.TAG_LOCK_SINCE: f"{time.time():.3f}"})
     client.set_terminated(holder.info.run_id, "KILLED")
-    with registry.promotion_lock(client, model_name, "another-run", timeout=30):
+    with promotion_lock.promotion_lock(client, model_name, "another-run", timeout=30):
         pass
 
 
@@ -388,7 +390,7 @@ def test_fault_alias_moved_while_serving_is_picked_up_by_restart_only(served, tw
             np.testing.assert_allclose(served_probabilities(served["url"]), expected[started_on],
                                        atol=1e-5)
         # The documented restart command picks up the moved alias.
-        assert serve.resolve_servable(served["champion"]) == f"models:/{name}/{other}"
+        assert scoring_server.resolve_servable(served["champion"]) == f"models:/{name}/{other}"
         port = free_port()
         log = tmp_path / "restarted.log"
         proc = subprocess.Popen(

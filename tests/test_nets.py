@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from lightcycle import nets
-from lightcycle.datamodule import augment
+from lightcycle.model import nets
+from lightcycle.model.datamodule import augment
 
 
 @pytest.fixture(params=nets.NET_NAMES)

@@ -21,7 +21,7 @@ import requests
 from mlflow import MlflowClient
 
 from conftest import PROJECT_ROOT, check, free_port, mlflow_run, runs_of, stop_process
-from lightcycle.server import _alive, postgres_unavailable_reason
+from lightcycle.operations.postgres import _alive, postgres_unavailable_reason
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +139,7 @@ def _start_team_server(tmp_path, state, *args):
     port = free_port()
     log = tmp_path / "team-server.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lightcycle.server", "--dir", str(state),
+        [sys.executable, "-m", "lightcycle.operations.tracking_server", "--dir", str(state),
          "--port", str(port), "--workers", "1", *args],
         stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -13,7 +13,8 @@ import requests
 
 from conftest import (PROJECT_ROOT, SAMPLE_DIR, check, free_port, mlflow_run, stop_process,
                       wait_for_http)
-from lightcycle import data, serve
+from lightcycle.model import data
+from lightcycle.serving import scoring_server
 from lightcycle.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -236,9 +237,9 @@ def test_server_stays_healthy_after_1000_bad_requests(server, test_images):
 
 def test_serve_accepts_only_registry_uris_or_local_model_dirs(tmp_path, tracking_uri):
     with pytest.raises(UserError, match="Refusing to serve"):
-        serve.resolve_servable("runs:/0123/model")
+        scoring_server.resolve_servable("runs:/0123/model")
     with pytest.raises(UserError, match="Refusing to serve"):
-        serve.resolve_servable(str(tmp_path))
+        scoring_server.resolve_servable(str(tmp_path))
 
 
 def _write_pngs(directory, images):
@@ -255,7 +256,7 @@ def test_client_prints_class_names_for_idx_and_png(server, test_images, tmp_path
     idx = SAMPLE_DIR / "FashionMNIST/raw/t10k-images-idx3-ubyte"
     pngs = _write_pngs(tmp_path / "pngs", test_images.images[:5])
     result = subprocess.run([os.path.join(os.path.dirname(os.sys.executable), "python"), "-m",
-                             "lightcycle.client", "--url", url, str(idx), str(pngs)],
+                             "lightcycle.serving.client", "--url", url, str(idx), str(pngs)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import PROJECT_ROOT, SAMPLE_DIR, check, mlflow_run, runs_of
-from lightcycle import data
+from lightcycle.model import data
 
 pytestmark = pytest.mark.slow
 

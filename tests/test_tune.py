@@ -127,7 +127,7 @@ def test_train_best_sends_the_best_trial_down_the_chain(tuned, tracking_uri):
 
 @pytest.mark.slow
 def test_pruned_trial_ends_killed_and_tagged(experiment, tmp_path):
-    from lightcycle.tune import TuneConfig, tune
+    from lightcycle.training.tune import TuneConfig, tune
 
     cfg = TuneConfig(n_trials=1, epochs=2, models="mlp", data_dir=str(SAMPLE_DIR),
                      study_name="pruned", optuna_storage=str(tmp_path / "optuna.db"))
@@ -146,7 +146,7 @@ def test_pruned_trial_ends_killed_and_tagged(experiment, tmp_path):
 
 
 def test_continuing_with_other_settings_is_refused(tmp_path):
-    from lightcycle.tune import TuneConfig, open_study
+    from lightcycle.training.tune import TuneConfig, open_study
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     open_study(TuneConfig(epochs=1, data_dir=str(SAMPLE_DIR), study_name="s"), storage)
@@ -158,7 +158,7 @@ def test_continuing_with_other_settings_is_refused(tmp_path):
 
 
 def test_default_storage_sits_next_to_a_sqlite_tracking_store(tmp_path, monkeypatch):
-    from lightcycle.tune import default_storage, storage_url
+    from lightcycle.training.tune import default_storage, storage_url
 
     assert default_storage(f"sqlite:///{tmp_path}/mlflow.db") == f"sqlite:///{tmp_path}/optuna.db"
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "share"))
@@ -169,7 +169,7 @@ def test_default_storage_sits_next_to_a_sqlite_tracking_store(tmp_path, monkeypa
 
 
 def test_bad_tune_parameters_say_what_to_choose():
-    from lightcycle.tune import TuneConfig
+    from lightcycle.training.tune import TuneConfig
 
     with pytest.raises(UserError, match="comma-separated subset of cnn, mlp, resnet18"):
         TuneConfig(models="cnn,vgg").validate()
@@ -189,11 +189,11 @@ def test_tune_imports_only_what_it_needs():
                                   check=True).stdout.split())
 
     # Lightning itself loads torchvision and matplotlib; these are the ones tune could avoid.
-    tune = loaded("lightcycle.tune")
-    for heavy in ("lightcycle.train", "lightcycle.pipeline", "mlflow.pytorch", "tensorboard",
+    tune = loaded("lightcycle.training.tune")
+    for heavy in ("lightcycle.training.train", "lightcycle.lifecycle.pipeline", "mlflow.pytorch", "tensorboard",
                   "plotly"):
         assert heavy not in tune, heavy
-    assert "optuna" not in loaded("lightcycle.train, lightcycle.pipeline")
+    assert "optuna" not in loaded("lightcycle.training.train, lightcycle.lifecycle.pipeline")
 
 
 @pytest.mark.slow

@@ -14,13 +14,16 @@ import mlflow
 import numpy as np
 from mlflow import MlflowClient
 
-from lightcycle import data, registry, tracking
+from lightcycle.lifecycle import promotion_lock, registry, tracking
+from lightcycle.model import data
 
+MAX_REQUEST = 1024  # the deployable refuses larger batches (serving_model.DEFAULT_MAX_BATCH)
 TAG_DECISION = "lightcycle.gate.decision"
 TAG_ACCURACY = "lightcycle.gate.accuracy"
 TAG_MIN_ACCURACY = "lightcycle.gate.min_accuracy"
 TAG_CHAMPION_ACCURACY = "lightcycle.gate.champion_accuracy"
 TAG_GATE_RUN = "lightcycle.gate.run_id"
+TAG_CHAMPION_AFTER = "lightcycle.gate.champion_after"  # on the promote run: "" for none
 
 
 @dataclass(frozen=True)
@@ -33,13 +36,16 @@ class GateResult:
     reason: str
 
 
-def pyfunc_accuracy(model_uri: str, split: data.Split) -> float:
+def pyfunc_accuracy(model_uri: str, split: data.Split, batch_size: int = MAX_REQUEST) -> float:
+    """Accuracy through the served pyfunc, in requests it accepts (at most MAX_REQUEST images)."""
     model = mlflow.pyfunc.load_model(model_uri)
     pixels = split.images[:, None].astype(np.float32)
-    predictions = model.predict(pixels)
-    class_ids = np.asarray(predictions["class_id"] if hasattr(predictions, "columns")
-                           else np.asarray(predictions).argmax(1))
-    return float((class_ids == split.labels).mean())
+    class_ids = []
+    for start in range(0, len(pixels), batch_size):
+        predictions = model.predict(pixels[start:start + batch_size])
+        class_ids.append(np.asarray(predictions["class_id"] if hasattr(predictions, "columns")
+                                    else np.asarray(predictions).argmax(1)))
+    return float((np.concatenate(class_ids) == split.labels).mean())
 
 
 def decide(accuracy: float, min_accuracy: float, champion_accuracy: float | None) -> tuple[bool, str]:
@@ -62,7 +68,8 @@ def promote(
 ) -> GateResult:
     """Gate `version` (default: the version holding `challenger`). Needs an active run."""
     client = MlflowClient()
-    uri = f"models:/{model_name}/{version}" if version else f"models:/{model_name}@{registry.CHALLENGER}"
+    version = version or registry.CHALLENGER
+    uri = f"models:/{model_name}/{version}" if version.isdigit() else f"models:/{model_name}@{version}"
     candidate = registry.resolve(uri, client)
     split = data.load_split(data_dir, "test")
 
@@ -70,7 +77,7 @@ def promote(
     run_id = mlflow.active_run().info.run_id
     # Read champion, compare, move: under the registry-side lock, so two promotes at once
     # cannot both compare against the same old champion and let the later, worse one win.
-    with registry.promotion_lock(client, model_name, run_id):
+    with promotion_lock.promotion_lock(client, model_name, run_id):
         return _gate(client, model_name, candidate, accuracy, min_accuracy, split, run_id)
 
 
@@ -109,4 +116,6 @@ def _gate(client: MlflowClient, model_name: str, candidate: registry.ModelRef, a
         if champion:
             client.set_registered_model_alias(model_name, registry.PREVIOUS, champion.version)
         client.set_registered_model_alias(model_name, registry.CHAMPION, candidate.version)
+    after = candidate if promoted else champion
+    mlflow.set_tag(TAG_CHAMPION_AFTER, after.version if after else "")
     return GateResult(candidate, accuracy, champion, champion_accuracy, promoted, reason)

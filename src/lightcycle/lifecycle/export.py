@@ -14,16 +14,15 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import mlflow
-import numpy as np
 import torch
 from mlflow import MlflowClient
 
-from lightcycle import data, model_io, registry, tracking
+from lightcycle.lifecycle import model_io, registry, tracking
+from lightcycle.model import data
 from lightcycle.errors import UserError
-from lightcycle.evaluate import images_tensor, predict_logits
+from lightcycle.model.evaluate import images_tensor, predict_logits
 
 # Conversion method -> the deployable's format (its artifact key and registered-name suffix).
 FORMATS = {"script": "torchscript", "trace": "torchscript", "export": "pt2"}
@@ -148,12 +147,8 @@ def publish(
     method: str = "script",
     data_dir: str | os.PathLike = data.default_data_dir(),
     deployable_name: str | None = None,
-    tamper: Callable[[torch.jit.ScriptModule], torch.jit.ScriptModule] | None = None,
 ) -> Deployable:
-    """Convert, check parity, log and register. Must run inside an active MLflow run.
-
-    `tamper` lets tests corrupt the converted module to prove a parity failure blocks logging.
-    """
+    """Convert, check parity, log and register. Must run inside an active MLflow run."""
     client = MlflowClient()
     source = registry.resolve(model_uri, client)
     name = deployable_name or registry.deployable_name(source.name, FORMATS.get(method, ""))
@@ -163,8 +158,6 @@ def publish(
     eager = model_io.load_eager_net(source.uri)
     reference = predict_logits(eager, images)
     converted = convert(eager, method, images[:2])
-    if tamper is not None:
-        converted = tamper(converted)
     if FORMATS[method] == "pt2":
         best, stage, parity = check_program(converted, images, reference)
     else:

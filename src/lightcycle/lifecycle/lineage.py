@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from lightcycle import registry, tracking
-from lightcycle.pipeline import TRAIN_PARAMS
+from lightcycle import defaults
+from lightcycle.lifecycle import registry, tracking
 
 
 def describe(model_uri: str) -> str:
@@ -33,7 +33,7 @@ def describe(model_uri: str) -> str:
     lines.append(f"  eager        {eager_ref.uri}: test accuracy "
                  f"{eager.tags.get(registry.TAG_TEST_ACCURACY, '?')}")
     run = client.get_run(run_id)
-    params = ", ".join(f"{k}={run.data.params[k]}" for k in TRAIN_PARAMS if k in run.data.params)
+    params = ", ".join(f"{k}={run.data.params[k]}" for k in defaults.TRAIN if k in run.data.params)
     lines += [
         f"  training run {run_id} ({run.info.status}): {params}",
         f"  git commit   {run.data.tags.get(tracking.TAG_GIT_COMMIT, 'none (not a git checkout)')}",

@@ -1,29 +1,10 @@
-"""MLflow helpers shared by every step: code version, tags, params, ranks and fail-fast checks.
-
-Imports only mlflow (and the standard library) so that non-training steps stay fast.
-"""
+"""Talking to the tracking server: bounded client retries and a fail-fast reachability check."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 from lightcycle.errors import UserError
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-# Tags every step run carries; later steps and the cache read them back from the server.
-TAG_ENTRY_POINT = "mlflow.project.entryPoint"
-TAG_CODE_VERSION = "lightcycle.code_version"
-TAG_GIT_COMMIT = "mlflow.source.git.commit"
-TAG_DATA_DIGEST = "lightcycle.data_digest"
-TAG_OUTPUT_URI = "lightcycle.output_uri"  # what a step run produced, for the next step
-TAG_MODEL_ID = "lightcycle.model_id"
-
-_SOURCE_GLOBS = ("src/lightcycle/**/*.py", "steps/*.py", "MLproject", "requirements.txt")
 
 # MLflow's own client retries every request (connection refused, 408/429/5xx) with exponential
 # backoff: sleep = factor * 2**(n-1), first retry immediate. Its defaults (7 retries, factor 2)
@@ -39,94 +20,10 @@ HTTP_RETRY_DEFAULTS = {
 }
 
 
-def configure_http_retries() -> None:
+def use_bounded_retries() -> None:
+    """Called by every step before MLflow's client makes its first request."""
     for key, value in HTTP_RETRY_DEFAULTS.items():
         os.environ.setdefault(key, value)
-
-
-configure_http_retries()
-
-
-def git_commit(root: Path = PROJECT_ROOT) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def _git_dirty(root: Path) -> bool:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "src", "steps", "MLproject",
-             "requirements.txt"],
-            capture_output=True, text=True, timeout=10, check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return True
-    return bool(out.stdout.strip())
-
-
-def source_hash(root: Path = PROJECT_ROOT) -> str:
-    digest = hashlib.sha256()
-    files = sorted({p for pattern in _SOURCE_GLOBS for p in root.glob(pattern) if p.is_file()})
-    for path in files:
-        if "__pycache__" in path.parts:
-            continue
-        digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def code_version(root: Path = PROJECT_ROOT) -> str:
-    """The git commit on a clean tree; otherwise the commit (if any) plus a hash of the source.
-
-    A dirty tree must not reuse runs made by the committed code, so its version differs.
-    """
-    commit = git_commit(root)
-    if commit and not _git_dirty(root):
-        return commit
-    prefix = f"{commit[:12]}-dirty" if commit else "nogit"
-    return f"{prefix}-{source_hash(root)}"
-
-
-def step_tags(entry_point: str) -> dict[str, str]:
-    tags = {TAG_ENTRY_POINT: entry_point, TAG_CODE_VERSION: code_version()}
-    commit = git_commit()
-    if commit:
-        tags[TAG_GIT_COMMIT] = commit
-    return tags
-
-
-def is_global_rank_zero() -> bool:
-    """True outside distributed launches and on global rank 0 inside them.
-
-    Lightning's subprocess launcher sets LOCAL_RANK/NODE_RANK in its children, torchrun sets
-    RANK, SLURM sets SLURM_PROCID: any non-zero value means "not the process that logs".
-    """
-    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
-        value = os.environ.get(var)
-        if value not in (None, "", "0"):
-            return False
-    return True
-
-
-def log_params_once(params: dict[str, object]) -> None:
-    """Log params the active run does not have yet.
-
-    `mlflow run` has already logged the entry point's parameters as the user typed them
-    (e.g. "1e-3"); logging them again as Python prints them ("0.001") would be refused.
-    """
-    import mlflow
-
-    run = mlflow.active_run()
-    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
-    fresh = {k: str(v) for k, v in params.items() if k not in existing}
-    if fresh:
-        mlflow.log_params(fresh)
 
 
 def check_tracking_server(timeout: float = 10.0) -> str:
@@ -206,12 +103,3 @@ def tracking_uri() -> str:
     import mlflow
 
     return mlflow.get_tracking_uri()
-
-
-def run_step(main, argv: list[str] | None = None) -> None:
-    """Run a step's main(); user errors become one clear line on stderr and exit code 2."""
-    try:
-        main(argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

@@ -4,26 +4,22 @@ Every step runs as its own `mlflow run` process under this run. What a step prod
 back from the tracking server (the step run's `lightcycle.output_uri` tag) and the registry,
 never from files on disk.
 
-A step is reused when a FINISHED run of the same entry point exists in this experiment with
-the same parameters (compared as strings, as MLflow stores them), the same code version, and
-outputs that still exist. The newest such run wins; all result pages are searched.
+When a finished step run may stand in for running the step again: see step_cache.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
 
-from lightcycle import registry, tracking
 from lightcycle.errors import UserError
+from lightcycle.lifecycle import registry, step_cache, tracking
+from lightcycle.lifecycle.promote import TAG_CHAMPION_AFTER
 
-TRAIN_PARAMS = ("model", "epochs", "batch_size", "learning_rate", "weight_decay", "seed",
-                "data_dir", "download", "precision", "accelerator", "devices", "strategy",
-                "num_workers")
 
 
 class StepFailed(UserError):
@@ -65,47 +61,6 @@ class PipelineResult:
         return next(iter(self.champions.values()), None)
 
 
-def _quote(value: str) -> str:
-    return value.replace("'", "\\'")
-
-
-def find_cached_run(client: MlflowClient, experiment_id: str, entry_point: str,
-                    params: dict[str, str], code_version: str) -> Run | None:
-    query = (f"tags.`{tracking.TAG_ENTRY_POINT}` = '{_quote(entry_point)}' "
-             f"and attributes.status = 'FINISHED' "
-             f"and tags.`{tracking.TAG_CODE_VERSION}` = '{_quote(code_version)}'")
-    page_token = None
-    while True:
-        page = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"],
-                                  max_results=100, page_token=page_token)
-        for run in page:
-            if all(run.data.params.get(k) == v for k, v in params.items()) and outputs_exist(client, run):
-                return run
-        page_token = page.token
-        if not page_token:
-            return None
-
-
-def outputs_exist(client: MlflowClient, run: Run) -> bool:
-    """The step's output is still there: the model version is live and its files are stored."""
-    uri = run.data.tags.get(tracking.TAG_OUTPUT_URI)
-    if not uri:
-        return False
-    try:
-        if not uri.startswith("models:/m-"):
-            ref = registry.resolve(uri, client)
-            mv = client.get_model_version(ref.name, ref.version)
-            if mv.status != "READY":
-                return False
-            uri = mv.source  # the logged model behind the version: models:/m-<id>
-        if not uri.startswith("models:/m-"):
-            return False
-        files = client.list_logged_model_artifacts(uri.removeprefix("models:/"))
-    except (MlflowException, UserError, OSError):
-        return False
-    return any(f.path.rsplit("/", 1)[-1] == "MLmodel" for f in files)
-
-
 class Pipeline:
     def __init__(self, project_uri: str, parent: Run, force: bool = False) -> None:
         self.client = MlflowClient()
@@ -114,12 +69,14 @@ class Pipeline:
         self.force = force
         self.code_version = tracking.code_version()
 
-    def step(self, entry_point: str, params: dict[str, object]) -> StepResult:
+    def step(self, entry_point: str, params: dict[str, object],
+             still_valid: Callable[[Run], bool] | None = None) -> StepResult:
         params = {k: str(v) for k, v in params.items()}
         experiment_id = self.parent.info.experiment_id
         if not self.force:
-            cached = find_cached_run(self.client, experiment_id, entry_point, params,
-                                     self.code_version)
+            cached = step_cache.find_cached_run(
+                self.client, experiment_id, entry_point, params, self.code_version,
+                step_cache.data_digest(params), still_valid)
             if cached is not None:
                 print(f"[main] {entry_point}: reusing finished run {cached.info.run_id}", flush=True)
                 mlflow.set_tag(f"lightcycle.step.{entry_point}", cached.info.run_id)
@@ -171,7 +128,8 @@ def run_pipeline(project_uri: str, train_params: dict[str, object], model_name: 
     result = PipelineResult()
     data_dir = str(train_params["data_dir"])
 
-    train = pipeline.step("train", train_params)
+    # force re-runs every step, and a forced train starts from scratch instead of resuming.
+    train = pipeline.step("train", {**train_params, **({"resume": "false"} if force else {})})
     result.steps["train"] = train
     register = pipeline.step("register", {"run_id": train.run.info.run_id,
                                           "model_name": model_name})
@@ -185,10 +143,18 @@ def run_pipeline(project_uri: str, train_params: dict[str, object], model_name: 
         converted = registry.resolve(conversion.output_uri, pipeline.client)
         result.steps[f"promote:{fmt}"] = pipeline.step("promote", {
             "model_name": name, "min_accuracy": min_accuracy, "version": converted.version,
-            "data_dir": data_dir})
+            "data_dir": data_dir}, still_valid=lambda run, name=name: _champion_unmoved(
+                pipeline.client, name, run))
         champion = registry.alias_version(pipeline.client, name, registry.CHAMPION)
         result.champions[fmt] = registry.ModelRef(name, champion.version) if champion else None
     return result
+
+
+def _champion_unmoved(client: MlflowClient, name: str, gate_run: Run) -> bool:
+    """A gate's verdict stands only while `champion` is where that gate left it."""
+    champion = registry.alias_version(client, name, registry.CHAMPION)
+    left = gate_run.data.tags.get(TAG_CHAMPION_AFTER)
+    return left is not None and left == (champion.version if champion else "")
 
 
 def summary(result: PipelineResult) -> str:

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lightcycle.data import CLASS_NAMES, NUM_CLASSES, Split
+from lightcycle.model.data import CLASS_NAMES, NUM_CLASSES, Split
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 

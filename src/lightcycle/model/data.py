@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lightcycle import defaults
 from lightcycle.errors import UserError
 
 CLASS_NAMES = (
@@ -40,8 +41,8 @@ SPLIT_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_DATA_DIR = PROJECT_ROOT / "data" / "sample"
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+SAMPLE_DATA_DIR = PROJECT_ROOT / defaults.DATA_DIR
 
 
 class DataError(UserError):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightcycle import data
+from lightcycle.model import data
 from lightcycle.errors import UserError
 
 PIXEL_COLUMNS = 28 * 28

@@ -6,7 +6,7 @@ import importlib.metadata
 
 import numpy as np
 
-from lightcycle.data import CLASS_NAMES
+from lightcycle.model.data import CLASS_NAMES
 
 INPUT_SHAPE = (-1, 1, 28, 28)
 

@@ -1,6 +1,6 @@
 """A small client for a running `serve`: post images, print the predicted class names.
 
-    python -m lightcycle.client --url http://127.0.0.1:5001 data/sample/FashionMNIST/raw/t10k-images-idx3-ubyte
+    python -m lightcycle.serving.client --url http://127.0.0.1:5001 data/sample/FashionMNIST/raw/t10k-images-idx3-ubyte
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import requests
 
 from lightcycle.errors import UserError
-from lightcycle.inputs import load_images
+from lightcycle.serving.inputs import load_images
 
 MAX_BATCH = 1024
 

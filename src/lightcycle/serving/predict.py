@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from lightcycle.data import CLASS_NAMES
-from lightcycle.evaluate import metric_safe
-from lightcycle.inputs import load_images
-from lightcycle.serve import resolve_servable
+from lightcycle.model.data import CLASS_NAMES
+from lightcycle.model.evaluate import metric_safe
+from lightcycle.serving.inputs import load_images
+from lightcycle.serving.scoring_server import resolve_servable
 
 
 def batch_predict(model_uri: str, input_path: str | os.PathLike, output_path: str | os.PathLike,

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from lightcycle import registry
+from lightcycle.lifecycle import registry
 from lightcycle.errors import UserError
 
 

@@ -1,4 +1,4 @@
-"""The LightningModule that trains a plain net from `lightcycle.nets`.
+"""The LightningModule that trains a plain net from `lightcycle.model.nets`.
 
 The net stays a plain `nn.Module` (`self.net`): that is what gets logged, scripted and served.
 """
@@ -9,8 +9,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lightcycle.datamodule import augment
-from lightcycle.nets import build_net
+from lightcycle.model.datamodule import augment
+from lightcycle.model.nets import build_net
 
 
 class FashionClassifier(L.LightningModule):

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightcycle import data
+from lightcycle.model import data
 
 
 def to_tensors(split: data.Split) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from lightcycle import tracking
+from lightcycle.lifecycle import connection, tracking
 from lightcycle.errors import UserError
 
 DEFAULT_MODEL_NAME = "lightcycle-fashion"
@@ -48,7 +46,7 @@ def deployable_name(model_name: str, fmt: str = "torchscript") -> str:
     return model_name + (PT2_SUFFIX if fmt == "pt2" else SCRIPTED_SUFFIX)
 
 
-def _not_found(exc: MlflowException) -> bool:
+def not_found(exc: MlflowException) -> bool:
     # A missing alias comes back as INVALID_PARAMETER_VALUE "... alias champion not found".
     return getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or (
         "not found" in str(exc).lower()
@@ -74,9 +72,9 @@ def resolve(model_uri: str, client: MlflowClient | None = None) -> ModelRef:
         else:
             mv = client.get_model_version(name, match["version"])
     except MlflowException as exc:
-        if _not_found(exc):
+        if not_found(exc):
             raise UserError(
-                f"{model_uri} does not exist in the registry at {tracking.tracking_uri()}. "
+                f"{model_uri} does not exist in the registry at {connection.tracking_uri()}. "
                 f"List what does with: mlflow models ... or the UI's Models page; "
                 f"run `mlflow run .` to produce one."
             ) from None
@@ -104,7 +102,7 @@ def find_version_for_run(client: MlflowClient, name: str, run_id: str,
     try:
         versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     except MlflowException as exc:
-        if _not_found(exc):
+        if not_found(exc):
             return None
         raise
     live = [v for v in versions if v.status == "READY" or not ready_only]
@@ -169,7 +167,7 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion |
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        if _not_found(exc):
+        if not_found(exc):
             return None
         raise
 
@@ -180,9 +178,9 @@ def register_training_run(run_id: str, model_name: str = DEFAULT_MODEL_NAME) -> 
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
-        if _not_found(exc):
+        if not_found(exc):
             raise UserError(
-                f"Run {run_id!r} does not exist at {tracking.tracking_uri()}. Pass the run id a "
+                f"Run {run_id!r} does not exist at {connection.tracking_uri()}. Pass the run id a "
                 "`train` run printed (or find it in the MLflow UI)."
             ) from None
         raise
@@ -208,95 +206,3 @@ def register_training_run(run_id: str, model_name: str = DEFAULT_MODEL_NAME) -> 
         TAG_TEST_ACCURACY: str(run.data.metrics.get("test_accuracy", "")),
     }
     return register_model(model_uri, model_name, run_id, tags, client)
-
-
-# The promotion lock is a registered model of its own: creating a registered model is the one
-# atomic compare-and-set the registry offers (the name is unique in every backend store; a
-# second create fails with RESOURCE_ALREADY_EXISTS), so it serializes read-compare-move across
-# processes and machines without any store outside MLflow.
-LOCK_SUFFIX = "--promotion-lock"
-TAG_LOCK_OWNER = "lightcycle.lock.owner"
-TAG_LOCK_RUN = "lightcycle.lock.run_id"
-TAG_LOCK_SINCE = "lightcycle.lock.since"
-
-
-@contextmanager
-def promotion_lock(client: MlflowClient, name: str, run_id: str, timeout: float = 600,
-                   stale_after: float = 300, poll: float = 0.5):
-    """Hold the promotion lock for registered model `name` while the block runs.
-
-    A lock is broken when its holder's run is no longer RUNNING (killed promote) or it is older
-    than `stale_after` seconds (a promote holds it for a few seconds: evaluate, move aliases).
-    """
-    lock = name + LOCK_SUFFIX
-    owner = uuid.uuid4().hex
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.create_registered_model(
-                lock, tags={TAG_LOCK_OWNER: owner, TAG_LOCK_RUN: run_id,
-                            TAG_LOCK_SINCE: f"{time.time():.3f}"},
-                description=f"Held while `promote` moves the aliases of {name}; deleted after.")
-            break
-        except MlflowException as exc:
-            # A create that loses the race while the holder releases comes back as
-            # RESOURCE_DOES_NOT_EXIST (the server looks the existing one up): try again.
-            if _not_found(exc):
-                continue
-            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
-                raise
-        holder = _lock_holder(client, lock)
-        if holder is None:
-            continue  # released between our create and our read
-        if holder.get(TAG_LOCK_OWNER) == owner:
-            break  # our create committed, its answer was lost and the retry found it
-        if _lock_is_stale(client, holder, stale_after):
-            _delete_lock(client, lock)
-            continue
-        if time.monotonic() > deadline:
-            raise UserError(
-                f"Registered model {lock} (the promotion lock of {name}) is held by run "
-                f"{holder.get(TAG_LOCK_RUN)!r}. Wait for that promote to finish; if none is "
-                f"running, delete {lock} in the MLflow UI and re-run."
-            )
-        time.sleep(poll)
-    try:
-        yield
-    finally:
-        # Release only our own lock: one broken as stale may already be someone else's.
-        holder = _lock_holder(client, lock)
-        if holder is not None and holder.get(TAG_LOCK_OWNER) == owner:
-            _delete_lock(client, lock)
-
-
-def _lock_holder(client: MlflowClient, lock: str) -> dict[str, str] | None:
-    try:
-        return dict(client.get_registered_model(lock).tags)
-    except MlflowException as exc:
-        if _not_found(exc):
-            return None
-        raise
-
-
-def _lock_is_stale(client: MlflowClient, holder: dict[str, str], stale_after: float) -> bool:
-    try:
-        since = float(holder[TAG_LOCK_SINCE])
-    except (KeyError, ValueError):
-        since = None  # not readable: judge by the holder's run only
-    if since is not None and time.time() - since > stale_after:
-        return True
-    run_id = holder.get(TAG_LOCK_RUN)
-    if not run_id:
-        return False
-    try:
-        return client.get_run(run_id).info.status != "RUNNING"
-    except MlflowException:
-        return False
-
-
-def _delete_lock(client: MlflowClient, lock: str) -> None:
-    try:
-        client.delete_registered_model(lock)
-    except MlflowException as exc:
-        if not _not_found(exc):
-            raise

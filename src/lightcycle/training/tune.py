@@ -22,32 +22,27 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import mlflow
 import optuna
-from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from lightcycle import data, tracking
-from lightcycle.classifier import FashionClassifier
-from lightcycle.datamodule import FashionMNISTDataModule
+from lightcycle import defaults
 from lightcycle.errors import UserError
-from lightcycle.nets import NET_NAMES
+from lightcycle.lifecycle import connection, tracking
+from lightcycle.model import data
+from lightcycle.model.nets import NET_NAMES
+from lightcycle.training.config import TrainConfig
+from lightcycle.training.search_space import suggest, train_params_of
+from lightcycle.training.study_report import log_summary
+from lightcycle.training.trainer import build_model, build_trainer
+from lightcycle.training.trial_reporter import OBJECTIVE, TrialReporter
 
 TAG_STUDY = "lightcycle.study_name"
 TAG_STORAGE = "lightcycle.optuna_storage"
 TAG_TRIAL = "lightcycle.trial.number"
 TAG_TRIAL_STATE = "lightcycle.trial.state"
-OBJECTIVE = "val_loss"  # minimized; val_acc on the sample's 72 validation images ties too often
 
-# Per-net capacity choices. Separate parameter names per net: Optuna refuses a parameter whose
-# categorical choices change between trials, and TPE models each name on its own.
-WIDTHS = {"cnn": (8, 16, 32, 48), "mlp": (64, 128, 256, 512)}
-MLP_DEPTHS = (1, 2, 3)
-BATCH_SIZES = (16, 32, 64, 128)
-LR_RANGE = (0.0001, 0.03)
-WD_RANGE = (0.000001, 0.01)
 PRUNERS = ("median", "hyperband", "none")
 
 # Settings a continued study must keep: trials trained differently are not comparable.
@@ -56,25 +51,26 @@ _STUDY_SETTINGS = ("epochs", "models", "seed", "data_digest", "objective")
 
 @dataclass
 class TuneConfig:
-    n_trials: int = 20
-    timeout: float = 0.0  # seconds for this invocation; 0: no limit
-    study_name: str = "lightcycle-fashion"
-    optuna_storage: str = ""  # an Optuna storage URL or a sqlite file path; "": default_storage()
-    epochs: int = 5  # per trial
-    models: str = "cnn,mlp"  # nets to choose from, comma-separated
-    pruner: str = "median"
-    seed: int = 42
-    data_dir: str = str(data.default_data_dir())
-    download: bool = False
-    precision: str = "32"
-    accelerator: str = "cpu"
-    num_workers: int = 0
-    train_best: bool = False
-    train_epochs: int = 0  # epochs for train_best; 0: the per-trial epochs
-    model_name: str = "lightcycle-fashion"
-    min_accuracy: float = 0.5
-    method: str = "script"
-    deployable: str = "torchscript"  # for train_best, as main's: torchscript, pt2 or both
+    n_trials: int = defaults.TUNE["n_trials"]
+    timeout: float = defaults.TUNE["timeout"]  # seconds for this invocation; 0: no limit
+    study_name: str = defaults.TUNE["study_name"]
+    # An Optuna storage URL or a sqlite file path; "auto": default_storage()
+    optuna_storage: str = defaults.TUNE["optuna_storage"]
+    epochs: int = defaults.TUNE["epochs"]  # per trial
+    models: str = defaults.TUNE["models"]  # nets to choose from, comma-separated
+    pruner: str = defaults.TUNE["pruner"]
+    seed: int = defaults.TRAIN["seed"]
+    data_dir: str = defaults.TRAIN["data_dir"]
+    download: bool = defaults.TRAIN["download"]
+    precision: str = defaults.TRAIN["precision"]
+    accelerator: str = defaults.TRAIN["accelerator"]
+    num_workers: int = defaults.TRAIN["num_workers"]
+    train_best: bool = defaults.TUNE["train_best"]
+    train_epochs: int = defaults.TUNE["train_epochs"]  # for train_best; 0: the per-trial epochs
+    model_name: str = defaults.CHAIN["model_name"]
+    min_accuracy: float = defaults.CHAIN["min_accuracy"]
+    method: str = defaults.CHAIN["method"]
+    deployable: str = defaults.CHAIN["deployable"]  # for train_best, as main's
 
     @property
     def model_choices(self) -> tuple[str, ...]:
@@ -97,7 +93,7 @@ class TuneConfig:
         if self.precision == "16-mixed" and self.accelerator != "gpu":
             raise UserError("precision=16-mixed needs accelerator=gpu; on the CPU use bf16-mixed.")
         if self.train_best:
-            from lightcycle.pipeline import parse_deployable
+            from lightcycle.lifecycle.pipeline import parse_deployable
 
             parse_deployable(self.deployable)  # a typo fails before the study, not after it
 
@@ -116,7 +112,7 @@ def default_storage(tracking_uri: str) -> str:
 
 
 def storage_url(value: str, tracking_uri: str) -> str:
-    if not value:
+    if value == defaults.AUTO:
         value = default_storage(tracking_uri)
     elif "://" not in value:
         value = f"sqlite:///{Path(value).resolve()}"
@@ -125,91 +121,18 @@ def storage_url(value: str, tracking_uri: str) -> str:
     return value
 
 
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    if name == "median":
-        # Never on the first epoch: one-epoch losses mostly reflect the learning-rate warm-up.
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
-    return optuna.pruners.NopPruner()
-
-
-def suggest(trial: optuna.Trial, models: tuple[str, ...]) -> dict[str, object]:
-    """The search space. Returns train-step parameters (width/depth 0: the net's default)."""
-    model = trial.suggest_categorical("model", list(models))
-    params: dict[str, object] = {
-        "model": model,
-        "learning_rate": trial.suggest_float("learning_rate", *LR_RANGE, log=True),
-        "weight_decay": trial.suggest_float("weight_decay", *WD_RANGE, log=True),
-        "batch_size": trial.suggest_categorical("batch_size", list(BATCH_SIZES)),
-        "width": 0,
-        "depth": 0,
-    }
-    if model in WIDTHS:
-        params["width"] = trial.suggest_categorical(f"{model}_width", list(WIDTHS[model]))
-    if model == "mlp":
-        params["depth"] = trial.suggest_categorical("mlp_depth", list(MLP_DEPTHS))
-    return params
-
-
-def train_params_of(trial: optuna.trial.FrozenTrial) -> dict[str, object]:
-    """The train-step parameters a finished trial used, rebuilt from its Optuna params."""
-    p = trial.params
-    model = p["model"]
-    return {"model": model, "learning_rate": p["learning_rate"],
-            "weight_decay": p["weight_decay"], "batch_size": p["batch_size"],
-            "width": p.get(f"{model}_width", 0), "depth": p.get("mlp_depth", 0)}
-
-
-class TrialReporter(Callback):
-    """Per-epoch validation metrics to the trial's run and to Optuna; stops a pruned trial.
-
-    Pruning sets `should_stop` instead of raising inside Lightning, so the Trainer finishes
-    its epoch cleanly; the objective raises TrialPruned after fit.
-    """
-
-    def __init__(self, trial: optuna.Trial, run_id: str) -> None:
-        self.trial = trial
-        self.run_id = run_id
-        self.client = MlflowClient()
-        self.pruned = False
-        self.history: list[dict[str, float]] = []
-
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
-            return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                   if k in ("val_loss", "val_acc", "train_loss", "train_acc")}
-        epoch = trainer.current_epoch
-        self.history.append(metrics)
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[
-            mlflow.entities.Metric(k, v, now, epoch) for k, v in metrics.items()])
-        value = metrics.get(OBJECTIVE, math.nan)
-        self.trial.report(value, epoch)
-        if self.trial.should_prune():
-            self.pruned = True
-            trainer.should_stop = True
-
-
 def fit_trial(cfg: TuneConfig, trial: optuna.Trial, params: dict[str, object],
               run_id: str) -> tuple[float, dict[str, float]]:
     """Train one trial's net; returns the objective and the last epoch's metrics."""
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = FashionMNISTDataModule(cfg.data_dir, int(params["batch_size"]),
-                                        cfg.num_workers, seed=cfg.seed)
-    module = FashionClassifier(model=str(params["model"]),
-                               learning_rate=float(params["learning_rate"]),
-                               weight_decay=float(params["weight_decay"]),
-                               width=int(params["width"]) or None,
-                               depth=int(params["depth"]) or None)
+    trial_cfg = TrainConfig(
+        model=str(params["model"]), epochs=cfg.epochs, batch_size=int(params["batch_size"]),
+        learning_rate=float(params["learning_rate"]),
+        weight_decay=float(params["weight_decay"]), seed=cfg.seed, data_dir=cfg.data_dir,
+        precision=cfg.precision, accelerator=cfg.accelerator, num_workers=cfg.num_workers,
+        width=int(params["width"]), depth=int(params["depth"]))
+    module, datamodule = build_model(trial_cfg)
     reporter = TrialReporter(trial, run_id)
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, precision=cfg.precision,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
-        callbacks=[reporter],
-    )
+    trainer = build_trainer(trial_cfg, log_dir=None, interactive=False, callbacks=(reporter,))
     MlflowClient().log_param(run_id, "net_parameters",
                              sum(p.numel() for p in module.net.parameters()))
     trainer.fit(module, datamodule=datamodule)
@@ -268,6 +191,15 @@ def _fail_stale_trial_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) 
         pass
 
 
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":
+        # Never on the first epoch: one-epoch losses mostly reflect the learning-rate warm-up.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    return optuna.pruners.NopPruner()
+
+
 def open_study(cfg: TuneConfig, storage: str,
                pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
     with warnings.catch_warnings():
@@ -310,72 +242,6 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
 
 
-def history_figure(study: optuna.Study):
-    """Objective per trial, best so far, and pruned trials at their last reported value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-    if complete:
-        xs = [t.number for t in complete]
-        ys = [t.value for t in complete]
-        ax.scatter(xs, ys, label="complete", color="tab:blue", zorder=3)
-        best, best_line = math.inf, []
-        for y in ys:
-            best = min(best, y)
-            best_line.append(best)
-        ax.step(xs, best_line, where="post", color="tab:red", label="best so far")
-    reported = [(t.number, t.intermediate_values[max(t.intermediate_values)])
-                for t in pruned if t.intermediate_values]
-    if reported:
-        ax.scatter(*zip(*reported), marker="x", color="tab:gray", label="pruned (last epoch)")
-    ax.set_xlabel("trial")
-    ax.set_ylabel(OBJECTIVE)
-    ax.set_title(f"Optimization history: {study.study_name}")
-    if complete or reported:
-        ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def log_summary(study: optuna.Study, out_dir: Path) -> optuna.trial.FrozenTrial | None:
-    """Log the trials table, the history plot and the best trial to the active (parent) run."""
-    frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs",
-                                          "datetime_start", "datetime_complete", "duration"))
-    table = out_dir / "trials.csv"
-    frame.to_csv(table, index=False)
-    mlflow.log_artifact(str(table))
-    fig = history_figure(study)
-    mlflow.log_figure(fig, "plots/optimization_history.png")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-    counts = {state: len(study.get_trials(deepcopy=False, states=(state,)))
-              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    mlflow.log_metrics({"trials_complete": counts[TrialState.COMPLETE],
-                        "trials_pruned": counts[TrialState.PRUNED],
-                        "trials_failed": counts[TrialState.FAIL]})
-    if not counts[TrialState.COMPLETE]:
-        return None
-    best = study.best_trial
-    best_params = train_params_of(best)
-    mlflow.log_params({f"best_{k}": v for k, v in best_params.items()})
-    mlflow.log_metrics({f"best_{OBJECTIVE}": best.value, "best_trial": best.number,
-                        **({"best_val_acc": best.user_attrs["val_acc"]}
-                           if "val_acc" in best.user_attrs else {})})
-    mlflow.log_dict({"trial": best.number, OBJECTIVE: best.value,
-                     "mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
-                     "optuna_params": best.params, "train_params": best_params},
-                    "best_params.json")
-    mlflow.set_tag("lightcycle.best_trial_run", best.user_attrs.get("mlflow_run_id", ""))
-    return best
-
-
 def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
     """Run (or continue) the study inside the active MLflow run; optionally train the best.
 
@@ -384,7 +250,7 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> op
     import tempfile
 
     cfg.validate()
-    tracking.check_tracking_server()
+    connection.check_tracking_server()
     data.prepare(cfg.data_dir, download=cfg.download)
     storage = storage_url(cfg.optuna_storage, mlflow.get_tracking_uri())
     # Lightning prints its device banner once per Trainer: once per trial is noise.
@@ -418,7 +284,7 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> op
 
 def _train_best(cfg: TuneConfig, best: optuna.trial.FrozenTrial) -> None:
     """Send the best trial's params down the normal chain, as children of the tune run."""
-    from lightcycle import pipeline
+    from lightcycle.lifecycle import pipeline
 
     params = {**{k: str(v) for k, v in train_params_of(best).items()},
               "epochs": str(cfg.train_epochs or cfg.epochs), "seed": str(cfg.seed),

@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lightcycle.data import CLASS_NAMES, Split  # noqa: E402
+from lightcycle.model.data import CLASS_NAMES, Split  # noqa: E402
 
 
 def confusion_matrix_figure(confusion: np.ndarray, title: str = "Test confusion matrix"):

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from lightcycle.tracking import PROJECT_ROOT
+from lightcycle.lifecycle.tracking import PROJECT_ROOT
 
 
 def main() -> int:

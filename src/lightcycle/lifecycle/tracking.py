@@ -1,0 +1,105 @@
+"""What every step run records: code version, step tags, params logged once, the global rank.
+
+Standard library only at import time, so that non-training steps start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+
+# Tags every step run carries; later steps and the cache read them back from the server.
+TAG_ENTRY_POINT = "mlflow.project.entryPoint"
+TAG_CODE_VERSION = "lightcycle.code_version"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_DATA_DIGEST = "lightcycle.data_digest"
+TAG_OUTPUT_URI = "lightcycle.output_uri"  # what a step run produced, for the next step
+TAG_MODEL_ID = "lightcycle.model_id"
+
+# The files that decide what a step does. README, tests/, bench/ and the data sample are left
+# out on purpose: editing them must not invalidate cached runs. The git commit is recorded
+# beside the code version (mlflow.source.git.commit) for lineage, not compared.
+SOURCE_GLOBS = ("src/lightcycle/**/*.py", "steps/*.py", "MLproject", "requirements.txt")
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def code_version(root: Path = PROJECT_ROOT) -> str:
+    """A content hash of SOURCE_GLOBS: the same on every clone and commit whose step code is
+    the same, different as soon as one line of it changes (committed or not)."""
+    digest = hashlib.sha256()
+    files = sorted({p for pattern in SOURCE_GLOBS for p in root.glob(pattern) if p.is_file()})
+    for path in files:
+        if "__pycache__" in path.parts:
+            continue
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return "src-" + digest.hexdigest()[:16]
+
+
+def canonical_param(value: object, like: object) -> str:
+    """`value` written the way Python prints a value of `like`'s type ("1e-3" -> "0.001",
+    "40.0" -> "40", "True" -> "true"), so that parameters typed by people and parameters
+    logged by code compare equal when they mean the same; anything unparsable stays as is."""
+    text = str(value).strip()
+    try:
+        if isinstance(like, bool) or str(like).lower() in ("true", "false"):
+            return {"true": "true", "1": "true", "yes": "true",
+                    "false": "false", "0": "false", "no": "false"}[text.lower()]
+        if isinstance(like, int):
+            number = float(text)
+            return str(int(number)) if number.is_integer() else text
+        if isinstance(like, float):
+            return repr(float(text))
+    except (KeyError, ValueError):
+        pass
+    return text
+
+
+def step_tags(entry_point: str) -> dict[str, str]:
+    tags = {TAG_ENTRY_POINT: entry_point, TAG_CODE_VERSION: code_version()}
+    commit = git_commit()
+    if commit:
+        tags[TAG_GIT_COMMIT] = commit
+    return tags
+
+
+def is_global_rank_zero() -> bool:
+    """True outside distributed launches and on global rank 0 inside them.
+
+    Lightning's subprocess launcher sets LOCAL_RANK/NODE_RANK in its children, torchrun sets
+    RANK, SLURM sets SLURM_PROCID: any non-zero value means "not the process that logs".
+    """
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        value = os.environ.get(var)
+        if value not in (None, "", "0"):
+            return False
+    return True
+
+
+def log_params_once(params: dict[str, object]) -> None:
+    """Log params the active run does not have yet.
+
+    `mlflow run` has already logged the entry point's parameters as the user typed them
+    (e.g. "1e-3"); logging them again as Python prints them ("0.001") would be refused.
+    """
+    import mlflow
+
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    fresh = {k: str(v) for k, v in params.items() if k not in existing}
+    if fresh:
+        mlflow.log_params(fresh)

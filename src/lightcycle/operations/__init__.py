@@ -1,0 +1,1 @@
+"""Operations: the team tracking server, its PostgreSQL cluster, and `make demo`."""

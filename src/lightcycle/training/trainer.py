@@ -1,0 +1,73 @@
+"""The Lightning Trainer that train and tune share: hardware, precision and progress output."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightcycle.model.classifier import FashionClassifier
+from lightcycle.model.datamodule import FashionMNISTDataModule
+from lightcycle.training.config import TrainConfig
+
+
+def trainer_kwargs(cfg: TrainConfig) -> dict[str, object]:
+    """The hardware and scale settings the Trainer gets, as the user chose them."""
+    return {
+        "max_epochs": cfg.epochs,
+        "accelerator": cfg.accelerator,
+        "devices": cfg.trainer_devices,
+        "num_nodes": cfg.num_nodes,
+        "strategy": cfg.strategy,
+        "precision": cfg.precision,
+    }
+
+
+class EpochLine(Callback):
+    """One line per epoch when stderr is not a terminal (CI logs, `mlflow run` captured)."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        m = trainer.callback_metrics
+        fields = " ".join(
+            f"{k}={float(m[k]):.4f}" for k in ("train_loss", "val_loss", "val_acc") if k in m
+        )
+        elapsed = time.perf_counter() - getattr(self, "_start", time.perf_counter())
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {fields} ({elapsed:.1f}s)",
+              flush=True)
+
+
+def build_trainer(cfg: TrainConfig, log_dir: str | None, interactive: bool,
+                  callbacks: tuple[Callback, ...] = ()) -> L.Trainer:
+    """`log_dir`: where TensorBoard events go; None for tune's trials, which report to MLflow
+    through their own callback."""
+    progress = [] if interactive or log_dir is None else [EpochLine()]
+    return L.Trainer(
+        **trainer_kwargs(cfg),
+        logger=TensorBoardLogger(save_dir=log_dir, name="tensorboard", version="") if log_dir else False,
+        enable_checkpointing=False,  # autolog logs checkpoints to MLflow instead
+        enable_progress_bar=interactive,
+        enable_model_summary=interactive,
+        callbacks=[*callbacks, *progress],
+        deterministic=True,
+        log_every_n_steps=1,
+    )
+
+
+def build_model(cfg: TrainConfig) -> tuple[FashionClassifier, FashionMNISTDataModule]:
+    """The LightningModule and the data it trains on, as `cfg` describes them (seeded)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = FashionMNISTDataModule(
+        cfg.data_dir, cfg.batch_size, cfg.num_workers, cfg.val_fraction, cfg.seed
+    )
+    module = FashionClassifier(
+        model=cfg.model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        width=cfg.width or None, depth=cfg.depth or None,
+    )
+    return module, datamodule
