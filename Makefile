@@ -14,6 +14,9 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "error: lightcycle needs Python >= 3.11 ($(PYTHON) is $$($(PYTHON) --version 2>&1 | head -1))." \
+		     "Run: make test PYTHON=python3.11 (or newer)" >&2; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt

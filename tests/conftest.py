@@ -33,6 +33,8 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
 BACKENDS = ("sqlite", "postgresql")
+# The server's GenAI job runner (8 huey processes per server) serves nothing lightcycle uses.
+NO_SERVER_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 @dataclass
@@ -61,7 +63,7 @@ def start_tracking_server(root: Path, backend_uri: str | None = None, port: int 
          "--workers", "1", "--backend-store-uri", backend_uri,
          "--artifacts-destination", str(root / "artifacts"), *(extra_args or [])],
         stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **NO_SERVER_JOBS, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -215,3 +217,48 @@ def runs_of(experiment_id: str, entry_point: str | None = None, status: str | No
 def copy_sample(dest: Path) -> Path:
     shutil.copytree(SAMPLE_DIR / "FashionMNIST", dest / "FashionMNIST")
     return dest
+
+
+FULL_SIZE = {"train": 60_000, "test": 10_000}
+
+
+def write_idx(raw: Path, split: str, images, labels) -> None:
+    """IDX files as Fashion-MNIST ships them: big-endian header, then unsigned bytes."""
+    import struct
+
+    from lightcycle.model.data import IMAGES_MAGIC, LABELS_MAGIC, SPLIT_FILES
+
+    images_name, labels_name = SPLIT_FILES[split]
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / images_name).write_bytes(struct.pack(">iiii", IMAGES_MAGIC, len(images), 28, 28)
+                                    + images.astype("uint8").tobytes())
+    (raw / labels_name).write_bytes(struct.pack(">ii", LABELS_MAGIC, len(labels))
+                                    + labels.astype("uint8").tobytes())
+
+
+def synthetic_images(split: str, count: int, seed: int = 0):
+    """`count` images built from the sample's split: tiled, each copy shifted by up to 2 pixels
+    (the same label still fits a shifted garment), so every image is a plausible one."""
+    import numpy as np
+
+    from lightcycle.model import data
+
+    sample = data.load_split(SAMPLE_DIR, split)
+    index = np.arange(count) % len(sample)
+    shifts = np.random.default_rng(seed).integers(-2, 3, size=(count, 2))
+    shifts[: len(sample)] = 0  # the first copy is the sample itself
+    images = np.empty((count, 28, 28), dtype=np.uint8)
+    for dy, dx in {tuple(s) for s in shifts}:
+        rows = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
+        images[rows] = np.roll(sample.images[index[rows]], (dy, dx), axis=(1, 2))
+    return images, sample.labels[index]
+
+
+@pytest.fixture(scope="session")
+def full_size_data(tmp_path_factory) -> Path:
+    """A data_dir of the real data set's size (60,000 train / 10,000 test), built from the
+    sample on the fly and never committed: what users run on."""
+    root = tmp_path_factory.mktemp("full-size")
+    for split, count in FULL_SIZE.items():
+        write_idx(root / "FashionMNIST" / "raw", split, *synthetic_images(split, count))
+    return root

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import requests
 
@@ -18,13 +19,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_http(url: str, proc: subprocess.Popen | None, timeout: float, log: Path | None = None):
-    """Poll `url` until it answers 200; fail early, with the log's tail, if `proc` exits."""
+def wait_for_http(url: str, proc: subprocess.Popen | None, timeout: float, log: Path | None = None,
+                  exited: Callable[[], str | None] | None = None):
+    """Poll `url` until it answers 200. Fail early, with the log's tail, if `proc` exits, or
+    with what `exited()` returns once it returns something (a container's logs, say)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             detail = log.read_text()[-3000:] if log and log.exists() else ""
             raise RuntimeError(f"process for {url} exited with {proc.returncode}:\n{detail}")
+        detail = exited() if exited else None
+        if detail is not None:
+            raise RuntimeError(f"the server for {url} exited:\n{detail}")
         try:
             if requests.get(url, timeout=2).status_code == 200:
                 return

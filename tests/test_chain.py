@@ -16,7 +16,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import SAMPLE_DIR, check, mlflow_run, runs_of
-from lightcycle.lifecycle import export, pipeline, promote, registry
+from lightcycle.lifecycle import export, promote, registry, step_cache
 from lightcycle.model import data
 
 pytestmark = pytest.mark.slow
@@ -121,23 +121,49 @@ def test_changed_gate_param_reuses_earlier_steps_only(chain, tracking_uri):
     assert champion.version == "1"
 
 
-def test_cache_misses_on_each_changed_param_and_code_version(chain, tracking_uri):
+def test_cache_compares_the_effective_params_canonically(chain, tracking_uri):
     client = MlflowClient()
     train = runs_of(chain["experiment"], "train", "FINISHED")[0]
     code_version = train.data.tags["lightcycle.code_version"]
-    params = {k: v for k, v in train.data.params.items() if k in pipeline.TRAIN_PARAMS}
-    assert set(params) == set(pipeline.TRAIN_PARAMS)
-    hit = pipeline.find_cached_run(client, chain["experiment"], "train", params, code_version)
-    assert hit.info.run_id == train.info.run_id
-    for key in params:
-        changed = {**params, key: params[key] + "0"}
-        assert pipeline.find_cached_run(client, chain["experiment"], "train", changed,
-                                        code_version) is None, key
-    # Strings, not numbers: "1.0" is not the "1" MLflow stored.
-    assert pipeline.find_cached_run(client, chain["experiment"], "train",
-                                    {**params, "epochs": "1.0"}, code_version) is None
-    assert pipeline.find_cached_run(client, chain["experiment"], "train", params,
-                                    "another-code-version") is None
+    digest = train.data.tags["lightcycle.data_digest"]
+    params = {k: train.data.params[k] for k in step_cache.effective_params("train", {})}
+
+    def find(params, code=code_version, data=digest):
+        return step_cache.find_cached_run(client, chain["experiment"], "train", params, code, data)
+
+    assert find(params).info.run_id == train.info.run_id
+    # The same values written another way are the same parameters.
+    assert find({**params, "epochs": "1.0", "learning_rate": "5e-3", "download": "False"}) \
+        .info.run_id == train.info.run_id
+    different = {"model": "mlp", "epochs": "2", "batch_size": "64", "learning_rate": "0.01",
+                 "weight_decay": "0.001", "seed": "7", "data_dir": "data/other", "download": "true",
+                 "precision": "bf16-mixed", "accelerator": "gpu", "devices": "2",
+                 "strategy": "ddp", "num_workers": "2", "num_nodes": "2", "width": "64",
+                 "depth": "3"}
+    assert set(different) == set(params)
+    for key, value in different.items():
+        assert find({**params, key: value}) is None, key
+    assert find(params, code="another-code-version") is None
+    assert find(params, data="another-digest") is None
+
+
+def test_a_train_run_with_other_settings_is_not_reused_by_default_main(chain, tracking_uri):
+    """`mlflow run . -e train -P width=64` logs width=64; main passes no width (default 0), so
+    that run must not stand in for main's train step, even though every parameter main
+    passes matches."""
+    client = MlflowClient()
+    train = runs_of(chain["experiment"], "train", "FINISHED")[0]
+    wide = client.create_run(chain["experiment"], tags={
+        k: v for k, v in train.data.tags.items() if k.startswith("lightcycle.")
+        or k == "mlflow.project.entryPoint"})
+    client.log_batch(wide.info.run_id, params=[
+        mlflow.entities.Param(k, "64" if k == "width" else v) for k, v in train.data.params.items()])
+    client.set_terminated(wide.info.run_id, "FINISHED")
+    passed_by_main = {k: train.data.params[k] for k in ("model", "epochs", "seed", "data_dir")}
+    found = step_cache.find_cached_run(client, chain["experiment"], "train", passed_by_main,
+                                       train.data.tags["lightcycle.code_version"],
+                                       train.data.tags["lightcycle.data_digest"])
+    assert found.info.run_id == train.info.run_id  # the older, default-width run
 
 
 def test_cache_takes_newest_match_across_pages(chain, tracking_uri, experiment):
@@ -147,16 +173,29 @@ def test_cache_takes_newest_match_across_pages(chain, tracking_uri, experiment):
         run = client.create_run(experiment, tags={"mlflow.project.entryPoint": "train",
                                                   "lightcycle.code_version": "v1",
                                                   "lightcycle.output_uri": "models:/m-missing"})
-        client.log_param(run.info.run_id, "seed", "7" if i < 2 else "8")
+        logged = step_cache.effective_params("train", {"seed": "7" if i < 2 else "8"})
+        client.log_batch(run.info.run_id,
+                         params=[mlflow.entities.Param(k, v) for k, v in logged.items()])
         client.set_terminated(run.info.run_id, "FINISHED")
         ids.append(run.info.run_id)
     # Only the two oldest runs (on the last page) match, and their model is gone: a miss.
-    assert pipeline.find_cached_run(client, experiment, "train", {"seed": "7"}, "v1") is None
+    assert step_cache.find_cached_run(client, experiment, "train", {"seed": "7"}, "v1") is None
     # Give both a live output: the newer of the two wins, found on the second page.
     for run_id in ids[:2]:
         client.set_tag(run_id, "lightcycle.output_uri", f"models:/{chain['name']}/1")
-    found = pipeline.find_cached_run(client, experiment, "train", {"seed": "7"}, "v1")
+    found = step_cache.find_cached_run(client, experiment, "train", {"seed": "7"}, "v1")
     assert found.info.run_id == ids[1]
+
+
+@pytest.mark.backends("sqlite")
+def test_promote_gates_on_a_full_size_test_set(chain, tracking_uri, full_size_data):
+    """10,000 test images: more than one request's worth (1,024), so the gate must chunk."""
+    result = check(mlflow_run("promote", {"model_name": chain["deployable"], "min_accuracy": 0.0,
+                                          "data_dir": full_size_data}, chain["experiment"]))
+    assert "per request" not in result.stderr
+    gate = runs_of(chain["experiment"], "promote", "FINISHED")[0]
+    assert gate.data.tags["lightcycle.data_digest"] == data.dataset_digest(full_size_data)
+    assert 0.2 < gate.data.metrics["gate_accuracy"] <= 1.0
 
 
 def test_register_is_idempotent(chain, tracking_uri, model_name):

@@ -28,6 +28,22 @@ def test_pins_agree_across_requirements_pyproject_and_conda():
     for package, version in {"torch": "2.14.1", "torchvision": "0.29.1", "lightning": "2.6.6",
                              "mlflow": "3.17.2"}.items():
         assert pyproject[package] == version
+    # The serving image installs the numpy the models are logged with (model_io pins it).
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG NUMPY_VERSION=(\S+)", dockerfile, re.M)[1] == pyproject["numpy"]
+
+
+def test_python_floor_is_enforced_where_it_is_needed():
+    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    assert pyproject["requires-python"] == ">=3.11"
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    assert "sys.version_info < (3, 11)" in makefile and "needs Python >= 3.11" in makefile
+    # An interpreter that fails the version check (here: one that fails everything) stops the
+    # install at its first line, with the message; -B makes make run the recipe regardless.
+    old = subprocess.run(["make", "-B", "venv", "PYTHON=/bin/false"], cwd=PROJECT_ROOT,
+                         capture_output=True, text=True)
+    assert old.returncode != 0
+    assert "needs Python >= 3.11" in old.stderr and "PYTHON=python3.11" in old.stderr
 
 
 def test_every_entry_point_has_a_step_script_and_typed_params():
@@ -161,3 +177,12 @@ def test_ci_runs_the_readme_test_command():
     ci = (PROJECT_ROOT / ".ci/run").read_text()
     readme = (PROJECT_ROOT / "README.md").read_text()
     assert "make test" in ci and "make test" in readme
+
+
+def test_readme_layout_names_every_module():
+    layout = (PROJECT_ROOT / "README.md").read_text().split("## Layout", 1)[1]
+    for path in sorted(SRC.rglob("*.py")):
+        if path.name == "__init__.py":
+            assert f"{path.parent.name}/" in layout or path.parent == SRC, path
+            continue
+        assert path.name in layout, f"README's Layout does not name {path.relative_to(SRC)}"

@@ -127,7 +127,8 @@ BAD_DATA = {
 
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
 def test_bad_data_fails_clearly_and_leaves_no_finished_run(case, tmp_path, experiment):
-    from lightcycle.training.train import TrainConfig, train
+    from lightcycle.training.config import TrainConfig
+    from lightcycle.training.train import train
 
     root = copy_sample(tmp_path)
     culprit, kind = BAD_DATA[case](root)

@@ -336,19 +336,13 @@ def image(engine, tmp_path_factory, request):
 
 
 def _wait_for_container(container, url: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def exited() -> str | None:
         container.reload()
         if container.status in ("exited", "dead"):
-            raise AssertionError(f"container exited:\n{container.logs().decode()[-4000:]}")
-        try:
-            if requests.get(url + "/ping", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url}/ping did not answer within {timeout} s:\n"
-                         f"{container.logs().decode()[-4000:]}")
+            return container.logs().decode()[-4000:]
+        return None
+
+    wait_for_http(url + "/ping", None, timeout, exited=exited)
 
 
 _INSPECT = """

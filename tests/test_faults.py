@@ -7,6 +7,7 @@ Real parts only: `mlflow server` on 127.0.0.1, `mlflow run . -e <step> --env-man
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import signal
@@ -26,6 +27,8 @@ from mlflow.exceptions import MlflowException
 from conftest import (PROJECT_ROOT, SAMPLE_DIR, check, free_port, mlflow_run, runs_of,
                       start_tracking_server, stop_process, wait_for_http)
 from lightcycle.lifecycle import promote, promotion_lock, registry
+from lightcycle.training import resume
+from lightcycle.training.config import TrainConfig
 from lightcycle.model import data
 from lightcycle.serving import scoring_server
 
@@ -50,8 +53,9 @@ def poll(predicate, timeout: float, what: str, interval: float = 0.25):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def popen_main(params: dict, experiment_id: str, log: Path, env: dict | None = None):
-    cmd = ["mlflow", "run", str(PROJECT_ROOT), "-e", "main", "--env-manager", "local",
+def popen_main(params: dict, experiment_id: str, log: Path, env: dict | None = None,
+               entry_point: str = "main"):
+    cmd = ["mlflow", "run", str(PROJECT_ROOT), "-e", entry_point, "--env-manager", "local",
            "--experiment-id", experiment_id]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
@@ -159,6 +163,51 @@ def test_killed_train_resumes_from_logged_checkpoint_on_rerun(tracking_uri, expe
         assert len(runs_of(experiment, step)) == 1, step
     assert [v.run_id for v in versions(model_name)] == [resumed.info.run_id]
     assert not runs_of(experiment, status="RUNNING")
+
+    # Only data with the same digest is resumed from.
+    cfg = dataclasses.asdict(TrainConfig(epochs=4))
+    digest = killed.data.tags["lightcycle.data_digest"]
+    assert resume.find_resumable_checkpoint(experiment, cfg, digest, str(tmp_path)).run_id \
+        == killed.info.run_id
+    assert resume.find_resumable_checkpoint(experiment, cfg, "0" * 16, str(tmp_path)) is None
+    # force=true starts training over: no resume, every epoch trained again.
+    forced = check(mlflow_run("main", {**params, "force": "true"}, experiment))
+    assert "resuming" not in forced.stdout + forced.stderr
+    newest = runs_of(experiment, "train", "FINISHED")[0]
+    assert newest.info.run_id != resumed.info.run_id
+    assert "lightcycle.resumed_from" not in newest.data.tags
+    assert checkpoint_epochs(client, newest.info.run_id) == [0, 1, 2, 3]
+
+
+def test_ddp_ranks_resume_from_the_same_checkpoint(tracking_uri, experiment, tmp_path):
+    """Two gloo processes; rank 1 is SIGKILLed after a checkpoint is logged. The re-run's two
+    ranks both continue from the checkpoint rank 0 chose, or their weights and epoch counters
+    would part."""
+    params = {"model": "mlp", "epochs": 4, "devices": 2, "strategy": "ddp"}
+    client = MlflowClient()
+    log = tmp_path / "first.log"
+    first = popen_main(params, experiment, log, entry_point="train")
+    try:
+        train = poll(lambda: step_run(experiment, "train", "RUNNING"), 300, "the train run")
+        poll(lambda: checkpoint_epochs(client, train.info.run_id), 300, "the first checkpoint")
+        ranks = poll(lambda: [p for p in descendants(first.pid) if argv(p)[1:2] == ["steps/train.py"]
+                              and Path(f"/proc/{p}/environ").read_bytes().find(b"LOCAL_RANK=1\0") >= 0],
+                     30, "rank 1's process")
+        os.kill(ranks[0], signal.SIGKILL)
+    finally:
+        returncode, output = finish(first, log, timeout=300)
+    assert returncode != 0, output[-3000:]
+    assert client.get_run(train.info.run_id).info.status in ("FAILED", "KILLED")
+
+    rerun = check(mlflow_run("train", params, experiment))
+    out = rerun.stdout + rerun.stderr
+    chosen = {line.split(": ", 1)[0]: line.split("checkpoint ", 1)[1].split(" ")[0]
+              for line in out.splitlines() if ": resuming from run " in line}
+    assert set(chosen) == {"rank 0", "rank 1"}, out[-3000:]
+    assert chosen["rank 0"] == chosen["rank 1"]
+    (finished,) = runs_of(experiment, "train", "FINISHED")
+    assert finished.data.tags["lightcycle.resumed_from"] == train.info.run_id
+    assert finished.data.tags["lightcycle.resumed_checkpoint"] == chosen["rank 0"]
 
 
 # --- tracking server restart -----------------------------------------------------------------
@@ -318,6 +367,39 @@ def test_concurrent_promotion_lock_serializes_read_compare_write(tracking_uri, e
     client.set_terminated(holder.info.run_id, "KILLED")
     with promotion_lock.promotion_lock(client, model_name, "another-run", timeout=30):
         pass
+
+
+def test_lock_survives_a_killed_holder_and_contending_processes(tracking_uri, experiment,
+                                                               model_name, tmp_path):
+    """A holder is SIGKILLed while it holds the lock (its run stays RUNNING: nobody marks it),
+    with three processes waiting. Exactly one of them breaks the stale lock, after seeing the
+    same holder for `stale_after` seconds of its own clock; then all three take turns, never
+    two at once, and no update is lost."""
+    client = MlflowClient()
+    client.create_registered_model(model_name, tags={"counter": "0"})
+    run_id = client.create_run(experiment).info.run_id
+    script = str(PROJECT_ROOT / "tests" / "lock_contender.py")
+    holder_log, log = tmp_path / "holder.log", tmp_path / "rounds.log"
+    holder = subprocess.Popen([sys.executable, script, model_name, run_id, "1", str(holder_log),
+                               "--hold"], start_new_session=True)
+    contenders = []
+    try:
+        poll(lambda: holder_log.exists() and holder_log.read_text(), 60, "the holder")
+        contenders = [subprocess.Popen([sys.executable, script, model_name, run_id, "5", str(log)],
+                                       start_new_session=True) for _ in range(3)]
+        os.killpg(holder.pid, signal.SIGKILL)
+        for proc in contenders:
+            assert proc.wait(180) == 0
+    finally:
+        for proc in [holder, *contenders]:
+            stop_process(proc)
+    rounds = sorted(tuple(map(float, line.split()[:2])) for line in log.read_text().splitlines())
+    assert len(rounds) == 15
+    overlaps = [(a, b) for a, b in zip(rounds, rounds[1:]) if b[0] < a[1]]
+    assert not overlaps, overlaps
+    assert client.get_registered_model(model_name).tags["counter"] == "15"
+    leftovers = [m.name for m in client.search_registered_models(f"name LIKE '{model_name}--%'")]
+    assert leftovers == [], leftovers
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 
 from conftest import PROJECT_ROOT, check, free_port, runs_of
 from lightcycle.errors import UserError
-from lightcycle.training.train import TrainConfig, build_trainer, trainer_kwargs
+from lightcycle.training.config import TrainConfig
+from lightcycle.training.trainer import build_trainer, trainer_kwargs
 
 TRAIN = [sys.executable, str(PROJECT_ROOT / "steps/train.py")]
 # Two torchrun "nodes" on this machine, one process each: an MLP for one epoch keeps it cheap.

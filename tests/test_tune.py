@@ -236,3 +236,51 @@ def test_a_killed_tune_resumes_its_study_instead_of_starting_over(experiment, tm
     assert states[0] == states[2] == optuna.trial.TrialState.COMPLETE
     assert states[1] in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL)
     assert len(states) == 3
+
+
+@pytest.mark.slow
+def test_two_tune_workers_share_one_postgresql_study(postgresql_cluster, experiment, model_name,
+                                                     monkeypatch):
+    """Two `mlflow run . -e tune` processes started at once on one study in PostgreSQL: they
+    share the trials (no trial number twice, n_trials in all), each parent run's summary
+    counts every trial, and the best is trained once."""
+    import os
+    import subprocess
+
+    from conftest import PROJECT_ROOT, stop_process
+
+    postgresql_cluster.create_database("optuna")
+    storage = postgresql_cluster.uri("optuna")  # no password in it: PGPASSFILE holds it
+    monkeypatch.setenv("PGPASSFILE", postgresql_cluster.env()["PGPASSFILE"])
+    params = {**TRIAL, "n_trials": 4, "study_name": "shared", "optuna_storage": storage,
+              "train_best": "true", "model_name": model_name, "min_accuracy": 0.0}
+    cmd = ["mlflow", "run", str(PROJECT_ROOT), "-e", "tune", "--env-manager", "local",
+           "--experiment-id", experiment, *[a for k, v in params.items() for a in ("-P", f"{k}={v}")]]
+    workers = [subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+               for _ in range(2)]
+    try:
+        outputs = [w.communicate(timeout=900)[0] for w in workers]
+    finally:
+        for worker in workers:
+            stop_process(worker)
+    assert [w.returncode for w in workers] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+
+    study = optuna.load_study(study_name="shared", storage=storage)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                       optuna.trial.TrialState.PRUNED)]
+    # n_trials in all; a worker may start one more only if both start their last at once.
+    assert 4 <= len(finished) <= 5 and len(study.trials) == len(finished)
+    parents = runs_of(experiment, "tune", "FINISHED")
+    assert len(parents) == 2
+    trial_numbers = []
+    for parent in parents:
+        metrics = parent.data.metrics
+        assert metrics["trials_complete"] + metrics["trials_pruned"] == len(finished)
+        trial_numbers += [int(r.data.tags["lightcycle.trial.number"])
+                          for r in _trial_runs(experiment, parent.info.run_id)]
+    assert sorted(trial_numbers) == sorted(numbers)  # each trial ran once, in one worker
+    assert len(runs_of(experiment, "train")) == 1  # train_best trained once
+    assert sum("train: reusing finished run" in out for out in outputs) == 1

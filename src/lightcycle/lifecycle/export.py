@@ -30,7 +30,7 @@ METHODS = tuple(FORMATS)
 # Max abs logit difference allowed between eager and converted (float32, same CPU kernels).
 PARITY_ATOL = 1e-4
 MAX_BATCH = 1024
-SERVING_MODEL_CODE = Path(__file__).with_name("serving_model.py")
+SERVING_MODEL_CODE = Path(__file__).parents[1] / "serving" / "serving_model.py"
 
 TAG_PARITY_MAX_DIFF = "lightcycle.parity_max_abs_diff"
 TAG_PARITY_ARGMAX = "lightcycle.parity_argmax_mismatches"

@@ -31,7 +31,6 @@ TAG_LOCK_RUN = "lightcycle.lock.run_id"
 TAG_LOCK_SINCE = "lightcycle.lock.since"  # for people reading the UI; never used to judge staleness
 
 
-@contextmanager
 def promotion_lock(client: MlflowClient, name: str, run_id: str, timeout: float = 600,
                    stale_after: float = 300, poll: float = 0.5):
     """Hold the promotion lock for registered model `name` while the block runs.
@@ -39,14 +38,24 @@ def promotion_lock(client: MlflowClient, name: str, run_id: str, timeout: float 
     A promote holds it for a few seconds (evaluate the champion, move aliases), so a holder
     seen for `stale_after` seconds is presumed dead.
     """
-    lock = name + LOCK_SUFFIX
+    return registry_lock(client, name + LOCK_SUFFIX, run_id, timeout, stale_after, poll,
+                         purpose=f"`promote` moves the aliases of {name}")
+
+
+@contextmanager
+def registry_lock(client: MlflowClient, lock: str, run_id: str, timeout: float = 600,
+                  stale_after: float = 300, poll: float = 0.5, purpose: str = "a step runs"):
+    """Hold registered model `lock` as a lock while the block runs (see the module's doc).
+
+    `run_id` is the holder's MLflow run: once it is no longer RUNNING, the lock is stale.
+    """
     owner = uuid.uuid4().hex
     deadline = time.monotonic() + timeout
     first_seen: dict[str, float] = {}  # holder (or breaker) -> when this waiter first saw it
     while True:
         if _create(client, lock, {TAG_LOCK_OWNER: owner, TAG_LOCK_RUN: run_id,
                                   TAG_LOCK_SINCE: f"{time.time():.3f}"},
-                   f"Held while `promote` moves the aliases of {name}; deleted after."):
+                   f"Held while {purpose}; deleted after."):
             break
         holder = _lock_holder(client, lock)
         if holder is not None and holder.get(TAG_LOCK_OWNER) == owner:
@@ -60,8 +69,8 @@ def promotion_lock(client: MlflowClient, name: str, run_id: str, timeout: float 
         if time.monotonic() > deadline:
             who = holder.get(TAG_LOCK_RUN) if holder else None
             raise UserError(
-                f"Registered model {lock} (the promotion lock of {name}) is held by run "
-                f"{who!r}. Wait for that promote to finish; if none is running, delete {lock} "
+                f"Registered model {lock} (a lock held while {purpose}) is held by run "
+                f"{who!r}. Wait for that run to finish; if it is not running, delete {lock} "
                 "in the MLflow UI and re-run."
             )
         time.sleep(poll)

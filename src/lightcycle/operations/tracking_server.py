@@ -85,7 +85,9 @@ def serve(state: Path, host: str, port: int, backend: str, auth: bool, workers: 
     state = state.resolve()
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o755)  # the postgres user must traverse it to reach its cluster
-    env = dict(os.environ)
+    # MLflow's job runner (eight huey processes) runs GenAI jobs lightcycle never submits;
+    # MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true in the environment turns it back on.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     cluster = None
     if backend == "auto":
         reason = postgres_unavailable_reason()

@@ -54,13 +54,12 @@ def find_resumable_checkpoint(experiment_id: str, params: dict[str, object], dat
         return _download(client, run_id, [artifact], dst)
     query = (f"tags.`{tracking.TAG_ENTRY_POINT}` = 'train' "
              f"and tags.`{tracking.TAG_CODE_VERSION}` = '{tracking.code_version()}' "
-             f"and tags.`{tracking.TAG_DATA_DIGEST}` = '{data_digest}' "
-             "and attributes.status IN ('FAILED', 'KILLED')")
+             f"and tags.`{tracking.TAG_DATA_DIGEST}` = '{data_digest}'")
     candidates = client.search_runs([experiment_id], query,
                                     order_by=["attributes.start_time DESC"], max_results=50)
     expected = {k: tracking.canonical_param(params[k], params[k]) for k in RESUME_PARAMS}
     for run in candidates:
-        if (_CHECKPOINT_TAG not in run.data.tags
+        if (run.info.status not in ("FAILED", "KILLED") or _CHECKPOINT_TAG not in run.data.tags
                 or any(tracking.canonical_param(run.data.params.get(k), params[k]) != expected[k]
                        for k in RESUME_PARAMS)):
             continue

@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 from lightcycle import defaults
 from lightcycle.errors import UserError
 from lightcycle.lifecycle import connection, tracking
+from lightcycle.lifecycle.promotion_lock import registry_lock
 from lightcycle.model import data
 from lightcycle.model.nets import NET_NAMES
 from lightcycle.training.config import TrainConfig
@@ -242,6 +243,22 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
 
 
+def wait_for_other_workers(study: optuna.Study, poll: float = 2.0) -> None:
+    """Until no trial of the study is RUNNING: the summary then counts every worker's trials.
+
+    A trial whose worker died turns FAIL once its heartbeat is stale (open_study's grace
+    period), so this ends even then.
+    """
+    announced = False
+    while running := study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not announced:
+            print(f"[tune] waiting for {len(running)} trial(s) other workers are running",
+                  flush=True)
+            announced = True
+        optuna.storages.fail_stale_trials(study)
+        time.sleep(poll)
+
+
 def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
     """Run (or continue) the study inside the active MLflow run; optionally train the best.
 
@@ -267,8 +284,14 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> op
     print(f"[tune] study {cfg.study_name!r} in {storage}: {len(finished(study))} finished "
           f"trial(s); running up to {max(remaining, 0)} more", flush=True)
     if remaining > 0:
+        # The cap is the study's, read from the shared storage after every trial, so several
+        # `tune` processes on one study stop together at n_trials (trials other workers are
+        # running count too, or each would start one more).
+        enough = optuna.study.MaxTrialsCallback(
+            cfg.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
         study.optimize(make_objective(cfg, cfg.study_name), n_trials=remaining,
-                       timeout=cfg.timeout or None, gc_after_trial=True)
+                       timeout=cfg.timeout or None, gc_after_trial=True, callbacks=[enough])
+    wait_for_other_workers(study)
 
     with tempfile.TemporaryDirectory(prefix="lightcycle-tune-") as tmp:
         best = log_summary(study, Path(tmp))
@@ -278,7 +301,11 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> op
     print(f"[tune] best trial {best.number}: {OBJECTIVE}={best.value:.4f} "
           f"params={json.dumps(train_params_of(best))}", flush=True)
     if cfg.train_best:
-        _train_best(cfg, best)
+        # One worker trains the best; the others wait for it and then find every step of
+        # the chain finished (main's cache), so the best is trained once.
+        with registry_lock(MlflowClient(), f"{cfg.model_name}--train-best",
+                           parent.info.run_id, timeout=24 * 3600, stale_after=math.inf):
+            _train_best(cfg, best)
     return study
 
 

@@ -1,0 +1,86 @@
+"""Every `mlflow run` command in README.md's quick reference, run exactly as written, in order,
+against a fresh tracking server: the path a new user takes from a fresh clone.
+
+Placeholders are the only substitutions: `<train run id>` becomes the id the `train` command
+before it printed, and port 5001 a free port (the machine may be serving on 5001 already).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from conftest import (PROJECT_ROOT, check, free_port, start_tracking_server, stop_process,
+                      wait_for_http)
+
+pytestmark = pytest.mark.slow
+MARKER = "<!-- tests/test_readme.py runs every command of this block, in order -->"
+
+
+def readme_commands() -> list[str]:
+    text = (PROJECT_ROOT / "README.md").read_text()
+    block = text.split(MARKER, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("  #", 1)[0].strip() for line in block.splitlines()]
+    return [c for c in commands if c.startswith(("mlflow run", "python -m lightcycle"))]
+
+
+def root_listing() -> set[str]:
+    """What git sees in the project root, ignored files included: a stray file shows up here."""
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
+    return {line[3:] for line in out.splitlines() if "/" not in line[3:].rstrip("/")}
+
+
+@pytest.fixture(scope="module")
+def fresh_server(tmp_path_factory):
+    """Its own server: the walk uses the default model names, which no other test may own."""
+    server = start_tracking_server(tmp_path_factory.mktemp("readme-server"))
+    yield server
+    stop_process(server.proc)
+
+
+def test_readme_commands_run_as_written_and_leave_no_stray_files(fresh_server, tmp_path):
+    commands = readme_commands()
+    entry_points = {re.search(r"-e (\w+)", c)[1] if " -e " in c else "main"
+                    for c in commands if c.startswith("mlflow run")}
+    # Every entry point the README's table documents is walked.
+    table = set(re.findall(r"^\| `(\w+)` \|", (PROJECT_ROOT / "README.md").read_text(), re.M))
+    assert table <= entry_points, table - entry_points
+    env = {**os.environ, "MLFLOW_TRACKING_URI": fresh_server.url,
+           "XDG_DATA_HOME": str(tmp_path / "xdg")}  # tune's default study store, per user
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    before = root_listing()
+    port, train_run_id, server = free_port(), None, None
+    try:
+        for command in commands:
+            command = command.replace("5001", str(port))
+            if "<train run id>" in command:
+                command = command.replace("<train run id>", train_run_id)
+            if " -e serve " in command:
+                server = subprocess.Popen(shlex.split(command), cwd=PROJECT_ROOT, env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+                wait_for_http(f"http://127.0.0.1:{port}/ping", server, timeout=180)
+                continue
+            result = check(subprocess.run(shlex.split(command), cwd=PROJECT_ROOT, env=env,
+                                          capture_output=True, text=True, timeout=900))
+            if " -e train " in command:
+                train_run_id = re.search(r"run_id=(\w+)", result.stdout)[1]
+            if "lightcycle.serving.client" in command:
+                assert re.search(r"\t(T-shirt/top|Trouser|Pullover|Dress|Coat|Sandal|Shirt|"
+                                 r"Sneaker|Bag|Ankle boot)\t", result.stdout), result.stdout
+        assert server is not None and requests.get(f"http://127.0.0.1:{port}/ping").ok
+    finally:
+        if server is not None:
+            stop_process(server)
+    assert root_listing() == before, root_listing() - before
+    client = MlflowClient(fresh_server.url)
+    assert client.get_model_version_by_alias("lightcycle-fashion-scripted", "champion")
+    # tune's default storage: the per-user file next to no sqlite store, never a file named ''.
+    assert (tmp_path / "xdg" / "lightcycle" / "optuna.db").is_file()
