@@ -1,8 +1,15 @@
-"""Serve a registered deployable with the real `mlflow models serve` scoring server."""
+"""Serve a registered deployable with the real `mlflow models serve` scoring server.
+
+`serve` runs exactly the server `mlflow models serve --env-manager local` runs (MLflow's
+`scoring_server.get_cmd`: uvicorn on `mlflow.pyfunc.scoring_server.app:app`, same environment),
+but execs it itself instead of going through the `mlflow` CLI, whose start-up (importing every
+MLflow command, then a second interpreter) is about half of the cold start.
+"""
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -35,11 +42,23 @@ def serve_command(model_uri: str, host: str, port: int, workers: int) -> list[st
             "-h", host, "-p", str(port), "-w", str(workers)]
 
 
+def scoring_server_command(resolved: str, host: str, port: int,
+                           workers: int) -> tuple[list[str], dict[str, str]]:
+    """What `mlflow models serve -m <resolved> --env-manager local` execs once it has the model
+    on local disk: MLflow's own command and environment, with this venv's uvicorn."""
+    from mlflow.pyfunc import scoring_server
+    from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+
+    local = resolved if Path(resolved).is_dir() else _download_artifact_from_uri(resolved)
+    command, env = scoring_server.get_cmd(local, port=port, host=host, nworkers=workers)
+    argv = shlex.split(command)
+    argv[0] = str(Path(sys.executable).with_name(argv[0]))  # uvicorn of this interpreter
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return argv, env
+
+
 def exec_server(model_uri: str, host: str, port: int, workers: int) -> None:
     resolved = resolve_servable(model_uri)
-    cmd = serve_command(resolved, host, port, workers)
-    env = dict(os.environ)
-    # `mlflow models serve` execs uvicorn by name: this interpreter's bin/ must lead PATH.
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    cmd, env = scoring_server_command(resolved, host, port, workers)
     print(f"serving {model_uri} -> {resolved} on http://{host}:{port}/invocations", flush=True)
     os.execve(cmd[0], cmd, env)
