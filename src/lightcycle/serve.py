@@ -1,9 +1,10 @@
 """Serve a registered deployable with the real `mlflow models serve` scoring server.
 
 `serve` runs exactly the server `mlflow models serve --env-manager local` runs (MLflow's
-`scoring_server.get_cmd`: uvicorn on `mlflow.pyfunc.scoring_server.app:app`, same environment),
-but execs it itself instead of going through the `mlflow` CLI, whose start-up (importing every
-MLflow command, then a second interpreter) is about half of the cold start.
+`scoring_server.get_cmd`: the uvicorn command on `mlflow.pyfunc.scoring_server.app:app`, same
+arguments and environment), but in this process: the `mlflow` CLI would import every MLflow
+command and then start a second interpreter that imports MLflow again, about half of the
+cold start.
 """
 
 from __future__ import annotations
@@ -36,12 +37,6 @@ def resolve_servable(model_uri: str) -> str:
     )
 
 
-def serve_command(model_uri: str, host: str, port: int, workers: int) -> list[str]:
-    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
-    return [mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local",
-            "-h", host, "-p", str(port), "-w", str(workers)]
-
-
 def scoring_server_command(resolved: str, host: str, port: int,
                            workers: int) -> tuple[list[str], dict[str, str]]:
     """What `mlflow models serve -m <resolved> --env-manager local` execs once it has the model
@@ -58,7 +53,11 @@ def scoring_server_command(resolved: str, host: str, port: int,
 
 
 def exec_server(model_uri: str, host: str, port: int, workers: int) -> None:
+    """Run MLflow's scoring-server command (uvicorn's own CLI entry point) in this process."""
     resolved = resolve_servable(model_uri)
     cmd, env = scoring_server_command(resolved, host, port, workers)
     print(f"serving {model_uri} -> {resolved} on http://{host}:{port}/invocations", flush=True)
-    os.execve(cmd[0], cmd, env)
+    os.environ.update(env)
+    import uvicorn.main
+
+    uvicorn.main.main(args=cmd[1:], prog_name="uvicorn")
