@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import sys
 
 import numpy as np
@@ -15,6 +16,17 @@ from lightcycle.errors import UserError
 from lightcycle.serving.inputs import load_images
 
 MAX_BATCH = 1024
+B64_KEY = "pixels_uint8_b64"
+
+
+def request_body(batch: np.ndarray) -> dict:
+    """Whole pixels 0-255 go as base64 uint8 bytes (`{"inputs": {"pixels_uint8_b64": ...}}`,
+    about 20x smaller and cheaper for the server to parse); anything else as JSON numbers."""
+    if batch.size and np.isfinite(batch).all() and batch.min() >= 0 and batch.max() <= 255 \
+            and (batch == np.round(batch)).all():
+        encoded = base64.b64encode(np.ascontiguousarray(batch, dtype=np.uint8).tobytes())
+        return {"inputs": {B64_KEY: encoded.decode("ascii")}}
+    return {"inputs": batch.tolist()}
 
 
 def predict(url: str, pixels: np.ndarray, timeout: float = 60) -> list[dict]:
@@ -24,7 +36,7 @@ def predict(url: str, pixels: np.ndarray, timeout: float = 60) -> list[dict]:
         for start in range(0, len(pixels), MAX_BATCH):
             batch = pixels[start : start + MAX_BATCH]
             response = session.post(url.rstrip("/") + "/invocations",
-                                    json={"inputs": batch.tolist()}, timeout=timeout)
+                                    json=request_body(batch), timeout=timeout)
             if response.status_code != 200:
                 raise UserError(f"{url} answered {response.status_code}: {response.text[:500]}")
             rows += response.json()["predictions"]

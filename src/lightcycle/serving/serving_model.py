@@ -5,6 +5,18 @@ only numpy, pandas, torch and mlflow, never the rest of `lightcycle`. The signat
 no input schema on purpose: MLflow's tensor schema pins one rank, and the contract accepts
 both (N, 1, 28, 28) and (N, 28, 28). So this wrapper owns the whole input check (type, shape,
 range, NaN/Inf, batch size) and turns logits into probabilities and class names.
+
+Two request forms, both through the unchanged `mlflow models serve`:
+  {"inputs": [[[[0, 12.0, ...]]]]}              nested JSON numbers, as documented;
+  {"inputs": {"pixels_uint8_b64": "<base64>"}}  N*784 raw uint8 bytes, C order, base64:
+                                                 about 20x smaller, much cheaper to parse.
+
+MLflow's scoring server turns `{"inputs": [...]}` into an ndarray before `predict` sees it, and
+numpy turns `[true, 3]` into numbers. So when the model is loaded inside the scoring server it
+wraps the server's parser (`_install_request_parser`) to refuse JSON booleans while the raw
+list is still there; the same wrapper skips the server's deepcopy of the list (the largest part
+of a batch-64 request). In the serving process `predict` also returns plain records instead of
+a DataFrame: the same JSON, a fraction of the cost. Everywhere else it returns the DataFrame.
 """
 
 from __future__ import annotations
@@ -29,16 +41,75 @@ class InputError(MlflowException):
 
 EXPECTED = ("expected raw pixels 0-255 with shape (N, 1, 28, 28) or (N, 28, 28), "
             'sent as {"inputs": [...]}')
+B64_KEY = "pixels_uint8_b64"
+IMAGE_BYTES = 28 * 28
+
+
+def contains_boolean(value) -> bool:
+    """Whether a parsed JSON value holds `true`/`false` anywhere (lists and objects, any depth).
+
+    Level by level with C-speed `map`/`chain`: about 1-2 ms for a batch of 64 images."""
+    from itertools import chain
+
+    level = [value]
+    while level:
+        kinds = set(map(type, level))
+        if bool in kinds or np.bool_ in kinds:
+            return True
+        if kinds == {list}:
+            level = list(chain.from_iterable(level))
+        elif list in kinds or dict in kinds:
+            level = list(chain.from_iterable(
+                x if type(x) is list else x.values() for x in level if type(x) in (list, dict)))
+        else:
+            return False
+    return False
+
+
+def _boolean_error() -> InputError:
+    return InputError(f"Got values of type bool (JSON true/false) in the input; {EXPECTED}, "
+                      "numbers only.")
+
+
+def decode_base64_pixels(encoded, max_batch: int = DEFAULT_MAX_BATCH) -> np.ndarray:
+    """{"pixels_uint8_b64": ...}: N*784 uint8 bytes, base64, -> float32 (N, 1, 28, 28)."""
+    import base64
+    import binascii
+
+    if isinstance(encoded, np.ndarray) and encoded.ndim == 0:
+        encoded = encoded.item()  # the scoring server hands each named input over as an array
+    if not isinstance(encoded, (str, bytes)):
+        raise InputError(f"Got {B64_KEY} of type {type(encoded).__name__}; expected a base64 "
+                         "string of N*784 uint8 pixels.")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"Got {B64_KEY} that is not valid base64 ({exc}); expected a base64 "
+                         "string of N*784 uint8 pixels.") from None
+    if not raw:
+        raise InputError(f"Got an empty batch; {B64_KEY} must hold N*784 bytes with N >= 1.")
+    if len(raw) % IMAGE_BYTES:
+        raise InputError(f"Got {len(raw)} bytes in {B64_KEY}, not a multiple of 784 (28x28 "
+                         "uint8 pixels per image).")
+    n = len(raw) // IMAGE_BYTES
+    if n > max_batch:
+        raise InputError(f"Got a batch of {n} images; at most {max_batch} per request. "
+                         "Split the batch.")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(n, 1, 28, 28).astype(np.float32)
 
 
 def validate_pixels(batch, max_batch: int = DEFAULT_MAX_BATCH) -> np.ndarray:
     """Return `batch` as float32 (N, 1, 28, 28) or raise InputError saying what is wrong."""
     if batch is None:
         raise InputError(f"Got null; {EXPECTED}.")
+    if isinstance(batch, dict) and list(batch) == [B64_KEY]:
+        return decode_base64_pixels(batch[B64_KEY], max_batch)
     if isinstance(batch, dict):
         raise InputError(f"Got named inputs {sorted(batch)[:5]}; {EXPECTED} (a list, not an object).")
     if isinstance(batch, pd.DataFrame):
         raise InputError(f"Got a table with columns {list(batch.columns)[:5]}; {EXPECTED}.")
+    if isinstance(batch, list) and contains_boolean(batch):
+        raise _boolean_error()
     array = np.asarray(batch)
     if array.dtype == object and array.ndim == 0 and array.item() is None:
         raise InputError(f"Got null; {EXPECTED}.")  # the scoring server wraps null in an array
@@ -67,14 +138,58 @@ def validate_pixels(batch, max_batch: int = DEFAULT_MAX_BATCH) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
+def _install_request_parser() -> None:
+    """Inside MLflow's scoring server (or `mlflow models predict`), wrap its JSON parser so that
+    `{"inputs": [...]}` is checked for booleans before numpy casts them to numbers, and turned
+    into an array without the server's deepcopy of the nested list. Everything else (other
+    keys, other shapes of body, a model with an input schema) goes to MLflow's parser as is.
+    Idempotent; does nothing when the scoring server was not imported (in-process use)."""
+    import sys
+
+    server = sys.modules.get("mlflow.pyfunc.scoring_server")
+    original = getattr(server, "infer_and_parse_data", None)
+    if original is None or getattr(original, "_lightcycle", False):
+        return
+    from mlflow.utils.proto_json_utils import MlflowInvalidInputException
+
+    def infer_and_parse_data(data, schema=None):
+        if schema is None and isinstance(data, dict) and list(data) == ["inputs"]:
+            value = data["inputs"]
+            if isinstance(value, list):
+                if contains_boolean(value):
+                    raise _boolean_error()
+                try:  # what MLflow's parser does for a list with no schema, minus the deepcopy
+                    return np.array(value)
+                except Exception as exc:
+                    raise MlflowInvalidInputException(
+                        f"Ensure that the input is a valid JSON-formatted string.\nError: {exc!r}"
+                    ) from exc
+        return original(data, schema)
+
+    infer_and_parse_data._lightcycle = True
+    server.infer_and_parse_data = infer_and_parse_data
+
+
+def _in_scoring_server() -> bool:
+    import os
+
+    # Set by mlflow.pyfunc.scoring_server.init (and `mlflow models predict`) before any request.
+    return os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").lower() == "true"
+
+
 class DeployedClassifier(PythonModel):
     """Serves whichever archive the model carries: `torchscript` (torch.jit) or `pt2`
     (torch.export; the exported graph already has eval behaviour baked in)."""
 
     def load_context(self, context):
+        import os
+
         import torch
 
         self._torch = torch
+        threads = os.environ.get("LIGHTCYCLE_TORCH_THREADS")
+        if threads:
+            torch.set_num_threads(int(threads))
         if "pt2" in context.artifacts:
             self.module = torch.export.load(context.artifacts["pt2"]).module()
         else:
@@ -88,6 +203,7 @@ class DeployedClassifier(PythonModel):
         with torch.inference_mode():
             for batch in (1, 1, 1, 64, 64):
                 self.module(torch.zeros(batch, 1, 28, 28))
+        _install_request_parser()
 
     def predict(self, context, model_input, params=None):
         pixels = validate_pixels(model_input, self.max_batch)
@@ -96,6 +212,11 @@ class DeployedClassifier(PythonModel):
             logits = self.module(torch.from_numpy(np.ascontiguousarray(pixels)))
             probabilities = torch.softmax(logits.float(), dim=1).numpy()
         class_ids = probabilities.argmax(axis=1)
+        if _in_scoring_server():
+            # The JSON MLflow writes for the DataFrame below, without building it: records.
+            names = self.class_names
+            return [{"class_id": i, "label": names[i], "probabilities": p}
+                    for i, p in zip(class_ids.tolist(), probabilities.astype(np.float64).tolist())]
         return pd.DataFrame({
             "class_id": class_ids.astype(np.int64),
             "label": [self.class_names[i] for i in class_ids],

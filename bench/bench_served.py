@@ -1,0 +1,243 @@
+"""Served figures of issue 12 in one run, each beside its reference (medians over rounds).
+
+    PATH=.venv/bin:$PATH .venv/bin/python bench/bench_served.py [--rounds 3] [--seconds 4]
+        [--reference-rev 1879355] [--eager-uri models:/lightcycle-fashion/1]
+
+One net (`--eager-uri`, or an untrained `cnn` with seed 0: same shapes, same cost) gives:
+  * the TorchScript deployable exactly as the chain saves it (frozen, `deployable_model_kwargs`),
+    with this checkout's `serving_model.py` ("new") and with the one at `--reference-rev`
+    ("reference", today's wrapper);
+  * a plain `mlflow.pytorch.save_model(net)` with MLflow's defaults ("plain_pytorch").
+Each round measures, one after the other on this machine:
+  * in-process images/s of the deployable's archive (`torch.jit.load`, fresh per batch size,
+    20 warm-up calls, then `--seconds` of calls), batch 64 and batch 1;
+  * each server: cold start (process start to the first 200 on /ping), batch-1 latency over
+    `--latency-requests` sequential requests, batch-64 images/s for `--seconds`; one client with
+    keep-alive. Servers: `mlflow models serve` on reference / new / plain, and lightcycle's
+    `serve` (steps/serve.py) on new, with torch's default threads and with
+    LIGHTCYCLE_TORCH_THREADS=1. The new servers are measured with both request forms:
+    JSON numbers `{"inputs": [...]}` and `{"inputs": {"pixels_uint8_b64": ...}}`.
+Prints JSON (and writes bench/results/served.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+
+from common import save
+from lightcycle import data, export, model_io
+
+warnings.simplefilter("ignore")
+ROOT = Path(__file__).resolve().parent.parent
+GOALS = {"served_vs_in_process_batch64": 0.6, "served_vs_plain_pytorch_batch64": 3.0,
+         "batch1_p50_ms": 3.0, "batch1_p99_ms": 8.0, "serve_cold_start_s": 3.0}
+
+
+def images(n: int) -> np.ndarray:
+    pixels = data.load_split(data.default_data_dir(), "test").images
+    return np.concatenate([pixels] * (n // len(pixels) + 1))[:n]
+
+
+def json_body(n: int) -> bytes:  # as bench_serve.py and the README: float JSON, (N, 1, 28, 28)
+    return json.dumps({"inputs": images(n)[:, None].astype(np.float32).tolist()}).encode()
+
+
+def b64_body(n: int) -> bytes:
+    encoded = base64.b64encode(images(n).astype(np.uint8).tobytes()).decode()
+    return json.dumps({"inputs": {"pixels_uint8_b64": encoded}}).encode()
+
+
+def in_process(archive: str, batch: int, seconds: float) -> float:
+    module = torch.jit.load(archive, map_location="cpu").eval()
+    x = torch.from_numpy(images(batch)[:, None].astype(np.float32))
+    with torch.inference_mode():
+        for _ in range(20):
+            module(x)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            module(x)
+            n += 1
+    return n * batch / (time.perf_counter() - start)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], port: int, env: dict) -> tuple[subprocess.Popen, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd} exited with {proc.returncode}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                return proc, time.perf_counter() - t0
+        except requests.RequestException:
+            pass
+        time.sleep(0.02)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def measure(url: str, one: bytes, many: bytes, requests_n: int, seconds: float) -> dict:
+    headers = {"Content-Type": "application/json"}
+    with requests.Session() as session:
+        def post(body):
+            response = session.post(url, data=body, headers=headers, timeout=60)
+            if response.status_code != 200:
+                raise RuntimeError(f"{response.status_code}: {response.text[:300]}")
+        for _ in range(20):
+            post(one)
+        for _ in range(5):
+            post(many)
+        latencies = []
+        for _ in range(requests_n):
+            t = time.perf_counter()
+            post(one)
+            latencies.append((time.perf_counter() - t) * 1000)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            post(many)
+            n += 1
+        batch64 = n * 64 / (time.perf_counter() - t0)
+    latencies.sort()
+    return {"batch1_p50_ms": latencies[len(latencies) // 2],
+            "batch1_p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+            "batch64_images_per_s": batch64}
+
+
+def save_models(tmp: str, net, reference_rev: str) -> dict[str, str]:
+    import mlflow.pyfunc
+    import mlflow.pytorch
+
+    archive = os.path.join(tmp, "model.pt")
+    export.save_archive(torch.jit.freeze(torch.jit.script(net)), archive)
+    dirs = {"archive": archive}
+    kwargs = export.deployable_model_kwargs(archive, "torchscript")
+    dirs["new"] = os.path.join(tmp, "new")
+    mlflow.pyfunc.save_model(dirs["new"], **kwargs)
+    reference_code = os.path.join(tmp, "reference_serving_model.py")
+    Path(reference_code).write_text(subprocess.run(
+        ["git", "show", f"{reference_rev}:src/lightcycle/serving_model.py"], cwd=ROOT,
+        check=True, capture_output=True, text=True).stdout)
+    dirs["reference"] = os.path.join(tmp, "reference")
+    mlflow.pyfunc.save_model(dirs["reference"], **{**kwargs, "python_model": reference_code})
+    dirs["plain_pytorch"] = os.path.join(tmp, "plain_pytorch")
+    # MLflow's defaults (pt2 serialization, tensor signature from the example); explicit
+    # requirements only to skip 10 s of inference at save time (no effect on serving).
+    mlflow.pytorch.save_model(net, dirs["plain_pytorch"], input_example=model_io.input_example(),
+                              pip_requirements=model_io.torch_requirements())
+    return dirs
+
+
+def median_of(rows: list[dict]) -> dict:
+    return {k: round(statistics.median(r[k] for r in rows), 3 if k.endswith("_s") else 2)
+            for k in rows[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--latency-requests", type=int, default=300)
+    parser.add_argument("--reference-rev", default="1879355")
+    parser.add_argument("--eager-uri", default="", help="trained eager model; default: untrained cnn")
+    args = parser.parse_args()
+
+    if args.eager_uri:
+        net = model_io.load_eager_net(args.eager_uri)
+    else:
+        from lightcycle.nets import build_net
+
+        torch.manual_seed(0)
+        net = build_net("cnn").eval()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+           "PYTHONPATH": str(ROOT / "src")}
+    mlflow_bin = str(Path(bin_dir) / "mlflow")
+    bodies = {"json": (json_body(1), json_body(64)), "b64": (b64_body(1), b64_body(64))}
+    rows: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-served-") as tmp:
+        dirs = save_models(tmp, net, args.reference_rev)
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+
+        def servers(port):
+            models_serve = [mlflow_bin, "models", "serve", "--env-manager", "local",
+                            "-h", "127.0.0.1", "-p", str(port), "-m"]
+            return {
+                "reference": (models_serve + [dirs["reference"]], ["json"]),
+                "new": (models_serve + [dirs["new"]], ["json", "b64"]),
+                "new_lightcycle_serve": ([sys.executable, "steps/serve.py", "--model_uri",
+                                          dirs["new"], "--port", str(port)], ["json", "b64"]),
+                "new_lightcycle_serve_1_thread": (
+                    [sys.executable, "steps/serve.py", "--model_uri", dirs["new"], "--port",
+                     str(port)], ["json", "b64"]),
+                "plain_pytorch": (models_serve + [dirs["plain_pytorch"]], ["json"]),
+            }
+
+        for r in range(args.rounds):
+            for batch in (64, 1):
+                rows.setdefault(f"in_process_batch{batch}", []).append(
+                    {"images_per_s": in_process(dirs["archive"], batch, args.seconds)})
+            for name in servers(0):
+                port = free_port()  # a fresh port: a server being stopped may still answer
+                cmd, forms = servers(port)[name]
+                threads = {"LIGHTCYCLE_TORCH_THREADS": "1"} if name.endswith("_1_thread") else {}
+                proc, cold = start(cmd, port, {**env, **threads})
+                try:
+                    rows.setdefault(f"{name}_cold_start", []).append({"seconds_s": cold})
+                    for form in forms:
+                        one, many = bodies[form]
+                        rows.setdefault(f"{name}_{form}", []).append(
+                            measure(f"http://127.0.0.1:{port}/invocations", one, many,
+                                    args.latency_requests, args.seconds))
+                finally:
+                    stop(proc)
+            print(f"round {r + 1}/{args.rounds}:",
+                  json.dumps({k: v[-1] for k, v in rows.items()}), file=sys.stderr, flush=True)
+
+    figures = {k: median_of(v) for k, v in rows.items()}
+    in_proc = figures["in_process_batch64"]["images_per_s"]
+    plain = figures["plain_pytorch_json"]["batch64_images_per_s"]
+    ratios = {}
+    for key, row in figures.items():
+        if "batch64_images_per_s" in row:
+            ratios[f"{key}_vs_in_process_batch64"] = round(row["batch64_images_per_s"] / in_proc, 3)
+            ratios[f"{key}_vs_plain_pytorch_batch64"] = round(row["batch64_images_per_s"] / plain, 2)
+    save("served", {"rounds": args.rounds, "seconds": args.seconds,
+                    "reference_rev": args.reference_rev,
+                    "net": args.eager_uri or "untrained cnn, seed 0",
+                    "load_average_at_end": os.getloadavg(),
+                    "medians": figures, "ratios": ratios, "goals": GOALS})
+
+
+if __name__ == "__main__":
+    main()

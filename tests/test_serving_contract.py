@@ -1,0 +1,164 @@
+"""The deployable's input contract over HTTP on a real `mlflow models serve` (issues 11, 12).
+
+A TorchScript deployable saved exactly as the chain saves it (`deployable_model_kwargs`) from
+an untrained `cnn`: no tracking server, no training, so it runs in seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import PROJECT_ROOT, SAMPLE_DIR, free_port, wait_for_http
+from lightcycle import client, data, serve
+from lightcycle.server import stop_process_group
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def deployable(tmp_path_factory):
+    import mlflow.pyfunc
+    import torch
+
+    from lightcycle import export
+    from lightcycle.nets import build_net
+
+    tmp = tmp_path_factory.mktemp("deployable")
+    torch.manual_seed(0)
+    net = build_net("cnn").eval()
+    archive = str(tmp / "model.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        export.save_archive(torch.jit.freeze(torch.jit.script(net)), archive)
+    model_dir = tmp / "model"
+    mlflow.pyfunc.save_model(str(model_dir), **export.deployable_model_kwargs(archive,
+                                                                               "torchscript"))
+    return model_dir
+
+
+def _serve(cmd, port, log):
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            cwd=PROJECT_ROOT, start_new_session=True)
+    wait_for_http(f"http://127.0.0.1:{port}/ping", proc, timeout=120, log=log)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def url(deployable, tmp_path_factory):
+    """The plain `mlflow models serve` on the deployable."""
+    port = free_port()
+    proc = _serve([os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve",
+                   "-m", str(deployable), "--env-manager", "local", "-p", str(port)],
+                  port, tmp_path_factory.mktemp("log") / "serve.log")
+    yield f"http://127.0.0.1:{port}"
+    stop_process_group(proc)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return data.load_split(SAMPLE_DIR, "test").images
+
+
+def invoke(url, body):
+    payload = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(url + "/invocations", data=payload,
+                         headers={"Content-Type": "application/json"}, timeout=60)
+
+
+def _image(value=0.0):
+    return [[[value] * 28 for _ in range(28)]]
+
+
+BOOLEANS = {
+    "one_true_among_floats": lambda: [[[[1.0] * 27 + [True]] * 28]],
+    "false_among_ints": lambda: [[[[0] * 28] * 27 + [[False] + [3] * 27]]],
+    "true_as_first_pixel": lambda: [[[[True] + [3.5] * 27] + [[3.5] * 28] * 27]],
+    "all_true": lambda: [[[[True] * 28] * 28]],
+    "boolean_instead_of_an_image": lambda: [_image(), True],
+    "boolean_in_3d_form": lambda: [[[0] * 27 + [False]] * 28],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BOOLEANS))
+def test_any_boolean_gets_a_400_that_says_so(url, case):
+    response = invoke(url, {"inputs": BOOLEANS[case]()})
+    assert response.status_code == 400, (response.status_code, response.text[:500])
+    assert "type bool" in response.text and "true/false" in response.text, response.text[:500]
+
+
+def test_numbers_without_booleans_still_work(url, images):
+    response = invoke(url, {"inputs": images[:2, None].tolist()})
+    assert response.status_code == 200, response.text[:500]
+
+
+def test_base64_uint8_gives_the_same_answers_as_json_numbers(url, images):
+    as_json = invoke(url, {"inputs": images[:64, None].astype(float).tolist()})
+    encoded = base64.b64encode(images[:64].astype(np.uint8).tobytes()).decode()
+    as_b64 = invoke(url, {"inputs": {"pixels_uint8_b64": encoded}})
+    assert as_json.status_code == as_b64.status_code == 200, as_b64.text[:500]
+    assert as_b64.json() == as_json.json()
+    row = as_b64.json()["predictions"][0]
+    assert set(row) == {"class_id", "label", "probabilities"}
+    assert row["label"] == data.CLASS_NAMES[row["class_id"]] and len(row["probabilities"]) == 10
+
+
+BAD_BASE64 = {
+    "not_base64": ("!!!", "not valid base64"),
+    "wrong_length": (base64.b64encode(b"\0" * 100).decode(), "not a multiple of 784"),
+    "empty": ("", "empty batch"),
+    "number": (5, "expected a base64 string"),
+    "too_many_images": (base64.b64encode(b"\0" * 784 * 1025).decode(), "at most 1024"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BASE64))
+def test_bad_base64_gets_a_clear_400(url, case):
+    value, needle = BAD_BASE64[case]
+    response = invoke(url, {"inputs": {"pixels_uint8_b64": value}})
+    assert response.status_code == 400, (response.status_code, response.text[:500])
+    assert needle in response.text, response.text[:500]
+
+
+def test_other_named_inputs_are_still_refused(url):
+    response = invoke(url, {"inputs": {"pixels_uint8_b64": "", "shape": [1, 28, 28]}})
+    assert response.status_code == 400 and "named inputs" in response.text
+
+
+def test_client_sends_base64_for_whole_pixels_and_json_otherwise(url, images):
+    whole = images[:3, None].astype(np.float32)
+    assert "pixels_uint8_b64" in client.request_body(whole)["inputs"]
+    assert isinstance(client.request_body(whole + 0.5)["inputs"], list)
+    assert client.predict(url, whole) == invoke(url, {"inputs": whole.tolist()}).json()["predictions"]
+
+
+def test_in_process_predict_still_returns_the_table(deployable, images):
+    import mlflow.pyfunc
+
+    table = mlflow.pyfunc.load_model(str(deployable)).predict(images[:4, None].astype(np.float32))
+    assert list(table.columns) == ["class_id", "label", "probabilities"] and len(table) == 4
+    with pytest.raises(Exception, match="type bool"):
+        mlflow.pyfunc.load_model(str(deployable)).predict([[[[1.0] * 27 + [True]] * 28]])
+
+
+def test_lightcycle_serve_runs_mlflows_scoring_server(deployable, images, tmp_path):
+    cmd, env = serve.scoring_server_command(str(deployable), "127.0.0.1", 5001, 1)
+    assert cmd[0].endswith("uvicorn") and cmd[-1] == "mlflow.pyfunc.scoring_server.app:app"
+    assert env["__pyfunc_model_path__"].endswith(str(deployable))
+    port = free_port()
+    proc = _serve([sys.executable, "steps/serve.py", "--model_uri", str(deployable),
+                   "--port", str(port)], port, tmp_path / "serve.log")
+    try:
+        response = invoke(f"http://127.0.0.1:{port}", {"inputs": BOOLEANS["all_true"]()})
+        assert response.status_code == 400 and "type bool" in response.text
+        assert invoke(f"http://127.0.0.1:{port}", {"inputs": images[:2].tolist()}).ok
+    finally:
+        stop_process_group(proc)
