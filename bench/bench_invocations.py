@@ -7,7 +7,6 @@ this checkout's, interleaved in one process: robust to a busy machine, unlike se
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ def main() -> None:
     import mlflow.pyfunc
     from mlflow.pyfunc import scoring_server
 
-    from lightcycle.nets import build_net
+    from lightcycle.model.nets import build_net
 
     torch.manual_seed(0)
     net = build_net("cnn").eval()

@@ -26,8 +26,6 @@ import argparse
 import base64
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,8 +38,10 @@ import numpy as np
 import requests
 import torch
 
-from common import save
-from lightcycle import data, export, model_io
+from common import free_port, save
+from common import stop_process as stop
+from lightcycle.lifecycle import export, model_io
+from lightcycle.model import data
 
 warnings.simplefilter("ignore")
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,12 +76,6 @@ def in_process(archive: str, batch: int, seconds: float) -> float:
     return n * batch / (time.perf_counter() - start)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(cmd: list[str], port: int, env: dict) -> tuple[subprocess.Popen, float]:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -95,15 +89,6 @@ def start(cmd: list[str], port: int, env: dict) -> tuple[subprocess.Popen, float
         except requests.RequestException:
             pass
         time.sleep(0.02)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def measure(url: str, one: bytes, many: bytes, requests_n: int, seconds: float) -> dict:
@@ -175,7 +160,7 @@ def main() -> None:
     if args.eager_uri:
         net = model_io.load_eager_net(args.eager_uri)
     else:
-        from lightcycle.nets import build_net
+        from lightcycle.model.nets import build_net
 
         torch.manual_seed(0)
         net = build_net("cnn").eval()

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import PROJECT_ROOT, SAMPLE_DIR, free_port, wait_for_http
-from lightcycle import client, data, serve
-from lightcycle.server import stop_process_group
+from conftest import PROJECT_ROOT, SAMPLE_DIR, free_port, stop_process, wait_for_http
+from lightcycle.model import data
+from lightcycle.serving import client
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,8 @@ def deployable(tmp_path_factory):
     import mlflow.pyfunc
     import torch
 
-    from lightcycle import export
-    from lightcycle.nets import build_net
+    from lightcycle.lifecycle import export
+    from lightcycle.model.nets import build_net
 
     tmp = tmp_path_factory.mktemp("deployable")
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ def url(deployable, tmp_path_factory):
                    "-m", str(deployable), "--env-manager", "local", "-p", str(port)],
                   port, tmp_path_factory.mktemp("log") / "serve.log")
     yield f"http://127.0.0.1:{port}"
-    stop_process_group(proc)
+    stop_process(proc)
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +149,7 @@ def test_in_process_predict_still_returns_the_table(deployable, images):
         mlflow.pyfunc.load_model(str(deployable)).predict([[[[1.0] * 27 + [True]] * 28]])
 
 
-def test_lightcycle_serve_runs_mlflows_scoring_server(deployable, images, tmp_path):
-    cmd, env = serve.scoring_server_command(str(deployable), "127.0.0.1", 5001, 1)
-    assert cmd[0].endswith("uvicorn") and cmd[-1] == "mlflow.pyfunc.scoring_server.app:app"
-    assert env["__pyfunc_model_path__"].endswith(str(deployable))
+def test_the_serve_step_refuses_booleans_too(deployable, images, tmp_path):
     port = free_port()
     proc = _serve([sys.executable, "steps/serve.py", "--model_uri", str(deployable),
                    "--port", str(port)], port, tmp_path / "serve.log")
@@ -161,4 +158,4 @@ def test_lightcycle_serve_runs_mlflows_scoring_server(deployable, images, tmp_pa
         assert response.status_code == 400 and "type bool" in response.text
         assert invoke(f"http://127.0.0.1:{port}", {"inputs": images[:2].tolist()}).ok
     finally:
-        stop_process_group(proc)
+        stop_process(proc)

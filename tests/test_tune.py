@@ -244,7 +244,6 @@ def test_two_tune_workers_share_one_postgresql_study(postgresql_cluster, experim
     """Two `mlflow run . -e tune` processes started at once on one study in PostgreSQL: they
     share the trials (no trial number twice, n_trials in all), each parent run's summary
     counts every trial, and the best is trained once."""
-    import os
     import subprocess
 
     from conftest import PROJECT_ROOT, stop_process

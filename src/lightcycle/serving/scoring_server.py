@@ -1,16 +1,8 @@
-"""Serve a registered deployable with the real `mlflow models serve` scoring server.
-
-`serve` runs exactly the server `mlflow models serve --env-manager local` runs (MLflow's
-`scoring_server.get_cmd`: the uvicorn command on `mlflow.pyfunc.scoring_server.app:app`, same
-arguments and environment), but in this process: the `mlflow` CLI would import every MLflow
-command and then start a second interpreter that imports MLflow again, about half of the
-cold start.
-"""
+"""Serve a registered deployable with the real `mlflow models serve` scoring server."""
 
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -37,27 +29,17 @@ def resolve_servable(model_uri: str) -> str:
     )
 
 
-def scoring_server_command(resolved: str, host: str, port: int,
-                           workers: int) -> tuple[list[str], dict[str, str]]:
-    """What `mlflow models serve -m <resolved> --env-manager local` execs once it has the model
-    on local disk: MLflow's own command and environment, with this venv's uvicorn."""
-    from mlflow.pyfunc import scoring_server
-    from mlflow.tracking.artifact_utils import _download_artifact_from_uri
-
-    local = resolved if Path(resolved).is_dir() else _download_artifact_from_uri(resolved)
-    command, env = scoring_server.get_cmd(local, port=port, host=host, nworkers=workers)
-    argv = shlex.split(command)
-    argv[0] = str(Path(sys.executable).with_name(argv[0]))  # uvicorn of this interpreter
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return argv, env
+def serve_command(model_uri: str, host: str, port: int, workers: int) -> list[str]:
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    return [mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "-h", host, "-p", str(port), "-w", str(workers)]
 
 
 def exec_server(model_uri: str, host: str, port: int, workers: int) -> None:
-    """Run MLflow's scoring-server command (uvicorn's own CLI entry point) in this process."""
     resolved = resolve_servable(model_uri)
-    cmd, env = scoring_server_command(resolved, host, port, workers)
+    cmd = serve_command(resolved, host, port, workers)
+    env = dict(os.environ)
+    # `mlflow models serve` execs uvicorn by name: this interpreter's bin/ must lead PATH.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     print(f"serving {model_uri} -> {resolved} on http://{host}:{port}/invocations", flush=True)
-    os.environ.update(env)
-    import uvicorn.main
-
-    uvicorn.main.main(args=cmd[1:], prog_name="uvicorn")
+    os.execve(cmd[0], cmd, env)
