@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from lightcycle import defaults
 from lightcycle.model.datamodule import augment
 from lightcycle.model.nets import build_net
 
@@ -16,9 +17,9 @@ from lightcycle.model.nets import build_net
 class FashionClassifier(L.LightningModule):
     def __init__(
         self,
-        model: str = "cnn",
-        learning_rate: float = 0.003,
-        weight_decay: float = 0.0001,
+        model: str = defaults.TRAIN["model"],
+        learning_rate: float = defaults.TRAIN["learning_rate"],
+        weight_decay: float = defaults.TRAIN["weight_decay"],
         width: int | None = None,
         depth: int | None = None,
         augment: bool = True,
