@@ -19,6 +19,7 @@ import math
 import os
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,7 +203,9 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 
 
 def open_study(cfg: TuneConfig, storage: str,
-               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+               pruner: optuna.pruners.BasePruner | None = None, worker: str = "") -> optuna.Study:
+    """Create or continue the study. `worker` (the tune run's id) keeps the samplers of
+    workers that share a study apart."""
     with warnings.catch_warnings():
         # Optuna flags heartbeats as experimental; they are what turns the trial of a
         # crashed process into FAIL instead of leaving it RUNNING forever.
@@ -228,8 +231,9 @@ def open_study(cfg: TuneConfig, storage: str,
                 "a new study_name.")
         n_before = len(study.trials)
     # A sampler seeded the same on every invocation would replay the first run's random
-    # start-up trials; offsetting by the trials already there keeps a continuation new.
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed + n_before)
+    # start-up trials: offsetting by the trials already there keeps a continuation new, and
+    # by the worker keeps workers started at the same moment from drawing the same ones.
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed + n_before + zlib.crc32(worker.encode()))
     study = optuna.create_study(
         storage=rdb, study_name=cfg.study_name, direction="minimize", sampler=sampler,
         pruner=pruner or make_pruner(cfg.pruner, cfg.epochs), load_if_exists=True)
@@ -273,10 +277,10 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> op
     # Lightning prints its device banner once per Trainer: once per trial is noise.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
-    study = open_study(cfg, storage, pruner)
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("tune needs an active MLflow run (the parent of the trial runs)")
+    study = open_study(cfg, storage, pruner, worker=parent.info.run_id)
     mlflow.set_tags({TAG_STUDY: cfg.study_name, TAG_STORAGE: storage})
     tracking.log_params_once({k: v for k, v in dataclasses.asdict(cfg).items()})
 
