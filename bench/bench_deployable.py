@@ -142,7 +142,7 @@ def pt2e_loader(net, example, calibration):
     quantizer = xiq.X86InductorQuantizer().set_global(
         xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(torch.export.export(net, (example,)).module(), quantizer)
-    for i in range(0, len(calibration), 64):
+    for i in range(0, len(calibration) - 63, 64):  # exported for a static batch of 64
         prepared(calibration[i:i + 64])
     config.freezing = True
     compiled = torch.compile(convert_pt2e(prepared))
@@ -255,8 +255,10 @@ def main():
                 results[name].update(quality(load(), reference))
             except Exception as exc:
                 results[name]["fails_at_run_time"] = str(exc).strip().splitlines()[-1][:200]
+        # pt2e_int8_inductor is compiled for batch 64 only: its quality on 180 images fails,
+        # its batch-64 speed is still measured.
         timed = {name: load for name, load in loaders.items()
-                 if "fails_at_run_time" not in results[name]}
+                 if "fails_at_run_time" not in results[name] or name == "pt2e_int8_inductor"}
 
         pairs = {}
         for name, load in timed.items():
