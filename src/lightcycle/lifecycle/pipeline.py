@@ -37,7 +37,10 @@ class StepResult:
         return self.run.data.tags[tracking.TAG_OUTPUT_URI]
 
 
-DEPLOYABLES = {"torchscript": ("torchscript",), "pt2": ("pt2",), "both": ("torchscript", "pt2")}
+DEPLOYABLES = {"torchscript": ("torchscript",), "pt2": ("pt2",), "int8": ("int8",),
+               "both": ("torchscript", "pt2")}
+# The conversion method behind each deployable (torchscript's is main's `method`).
+FORMAT_METHODS = {"pt2": "export", "int8": "quantize"}
 
 
 def parse_deployable(choice: str) -> tuple[str, ...]:
@@ -137,7 +140,7 @@ def run_pipeline(project_uri: str, train_params: dict[str, object], model_name: 
     for fmt in formats:
         name = registry.deployable_name(model_name, fmt)
         conversion = pipeline.step("torchscript", {
-            "model_uri": register.output_uri, "method": method if fmt == "torchscript" else "export",
+            "model_uri": register.output_uri, "method": FORMAT_METHODS.get(fmt, method),
             "data_dir": data_dir, "deployable_name": name})
         result.steps[fmt] = conversion
         converted = registry.resolve(conversion.output_uri, pipeline.client)

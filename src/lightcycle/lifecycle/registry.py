@@ -19,6 +19,7 @@ from lightcycle.errors import UserError
 DEFAULT_MODEL_NAME = "lightcycle-fashion"
 SCRIPTED_SUFFIX = "-scripted"
 PT2_SUFFIX = "-pt2"
+INT8_SUFFIX = "-int8"
 
 # Lineage tags on model versions.
 TAG_SOURCE_RUN = "lightcycle.source_run_id"
@@ -41,9 +42,10 @@ class ModelRef:
 
 
 def deployable_name(model_name: str, fmt: str = "torchscript") -> str:
-    """`<name>-scripted` for TorchScript, `<name>-pt2` for torch.export: each format has its own
-    versions and its own champion, so serving one never picks up the other by accident."""
-    return model_name + (PT2_SUFFIX if fmt == "pt2" else SCRIPTED_SUFFIX)
+    """`<name>-scripted` for TorchScript, `<name>-pt2` for torch.export, `<name>-int8` for the
+    int8 TorchScript: each has its own versions and its own champion, so serving one never
+    picks up another by accident."""
+    return model_name + {"pt2": PT2_SUFFIX, "int8": INT8_SUFFIX}.get(fmt, SCRIPTED_SUFFIX)
 
 
 def not_found(exc: MlflowException) -> bool:
