@@ -1,4 +1,6 @@
-"""Entry point `predict`: classify an IDX file, a PNG directory or a parquet/CSV; write a CSV."""
+"""Entry point `predict`: classify an IDX file, a PNG directory or a parquet/CSV; write a CSV.
+With --engine spark: score a parquet file or folder on Spark (mlflow.pyfunc.spark_udf); write
+parquet."""
 
 import argparse
 
@@ -9,22 +11,37 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model_uri", default="models:/lightcycle-fashion-scripted@champion")
     parser.add_argument("--input", required=True)
-    parser.add_argument("--output", default="predictions.csv")
+    parser.add_argument("--output", default="",
+                        help="default: predictions.csv (local), predictions.parquet (spark)")
     parser.add_argument("--batch_size", type=lambda v: int(float(v)), default=256)
+    parser.add_argument("--engine", choices=("local", "spark"), default="local")
+    parser.add_argument("--spark_master", default="",
+                        help="empty: spark-submit's master, else local[2]")
+    parser.add_argument("--spark_conf", default="", help="key=value,key=value")
     args = parser.parse_args(argv)
+    spark = args.engine == "spark"
+    output = args.output or ("predictions.parquet" if spark else "predictions.csv")
 
     import mlflow
 
     from lightcycle import tracking
-    from lightcycle.predict import batch_predict
+    from lightcycle.predict import batch_predict, spark_predict
 
     tracking.check_tracking_server()
     with mlflow.start_run():
         mlflow.set_tags(tracking.step_tags("predict"))
-        table = batch_predict(args.model_uri, args.input, args.output, args.batch_size)
-        mlflow.log_artifact(args.output, "predictions")
-        mlflow.log_metric("images", len(table))
-    print(f"wrote {len(table)} predictions to {args.output} (also logged under predictions/)")
+        if spark:
+            images = spark_predict(args.model_uri, args.input, output, args.spark_master,
+                                   args.spark_conf).images
+            if "://" in output or output.startswith(("dbfs:", "file:")):
+                mlflow.set_tag("lightcycle.predictions_uri", output)
+            else:
+                mlflow.log_artifacts(output, "predictions")
+        else:
+            images = len(batch_predict(args.model_uri, args.input, output, args.batch_size))
+            mlflow.log_artifact(output, "predictions")
+        mlflow.log_metric("images", images)
+    print(f"wrote {images} predictions to {output} (also logged under predictions/)")
 
 
 if __name__ == "__main__":
