@@ -3,6 +3,7 @@ With --engine spark: score a parquet file or folder on Spark (mlflow.pyfunc.spar
 parquet."""
 
 import argparse
+from pathlib import Path
 
 from lightcycle.tracking import run_step
 
@@ -35,8 +36,10 @@ def main(argv=None):
                                    args.spark_conf).images
             if "://" in output or output.startswith(("dbfs:", "file:")):
                 mlflow.set_tag("lightcycle.predictions_uri", output)
-            else:
-                mlflow.log_artifacts(output, "predictions")
+            else:  # the part files and _SUCCESS, not Hadoop's hidden .crc files
+                for part in sorted(Path(output).iterdir()):
+                    if not part.name.startswith("."):
+                        mlflow.log_artifact(str(part), "predictions")
         else:
             images = len(batch_predict(args.model_uri, args.input, output, args.batch_size))
             mlflow.log_artifact(output, "predictions")

@@ -206,6 +206,7 @@ def test_mlflow_run_predict_engine_spark_on_a_folder(champion, tracking_uri, exp
     assert run.data.params["engine"] == "spark" and run.data.metrics["images"] == 180
     logged = [a.path for a in client.list_artifacts(run.info.run_id, "predictions")]
     assert "predictions/_SUCCESS" in logged and any(p.endswith(".parquet") for p in logged)
+    assert not any(p.startswith("predictions/.") for p in logged)  # no .crc files
 
 
 def test_java_unavailable_reason_says_what_to_install(tmp_path):

@@ -325,6 +325,9 @@ def score(spark, model_uri: str, input_uri: str, output: str) -> SparkPrediction
         try:
             writer.parquet(output)
         except Exception as exc:
+            if "already exists" in str(exc).split("\n")[0]:
+                raise UserError(f"Output {output} already exists; engine=spark never overwrites "
+                                "a remote path: name a new one.") from None
             raise _explain(exc) from None
     images = spark.read.parquet(output).count()
     return SparkPrediction(images, output, partitions)
