@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo clean server postgres
+.PHONY: venv test demo clean server postgres java
 
 venv: $(STAMP)
 
@@ -28,7 +28,11 @@ $(STAMP): requirements.txt pyproject.toml
 postgres:
 	@scripts/ensure-postgres.sh
 
-test: venv postgres
+# Java 17 for the Spark engine (predict -P engine=spark) and its tests: installed where missing and root.
+java:
+	@scripts/ensure-java.sh
+
+test: venv postgres java
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # A team-style tracking server: PostgreSQL if installed (persistent, in .mlflow-server/),

@@ -41,7 +41,6 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -1,4 +1,5 @@
-"""Batch prediction: a registered (or named local) model over a file of images, to CSV."""
+"""Batch prediction: a registered (or named local) model over a file of images, to CSV;
+or, with engine=spark, over parquet on Spark, to parquet (lightcycle.serving.spark_scoring)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,11 @@ def batch_predict(model_uri: str, input_path: str | os.PathLike, output_path: st
     output_path.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(output_path, index=False)
     return table
+
+
+def spark_predict(model_uri: str, input_uri: str, output: str, master: str = "", conf: str = ""):
+    """engine=spark: same URI rules as batch_predict; returns a spark_scoring.SparkPrediction."""
+    from lightcycle.serving import spark_scoring
+
+    spark_scoring.require_spark()  # before resolving anything: fail fast with the fix
+    return spark_scoring.spark_predict(resolve_servable(model_uri), input_uri, output, master, conf)

@@ -1,0 +1,359 @@
+"""Batch scoring on Spark: `predict -P engine=spark`, `mlflow.pyfunc.spark_udf` over parquet.
+
+Input: a parquet file or a folder of parquet files (any Spark-readable URI: s3a://, dbfs:/,
+abfss://...), one image per row, either as 784 numeric pixel columns (row-major 28x28, the
+layout the local engine reads) or as one array column `pixels` of 784 numbers; an optional
+`name` column names the rows (otherwise `<file name>[<row index in that file>]`, which for one
+file is the local engine's naming). `label` and `id` columns are ignored.
+
+Output: parquet (a folder of part files) with `name`, `class_id`, `label` and one `p_<class>`
+column per class: the local engine's CSV columns.
+
+Every row is checked in Spark before any scoring: a row with the wrong number of pixels, a null,
+NaN, Infinity or a value outside [0, 255] fails the job with the names of the first bad rows and
+what is wrong with each, so no NaN ever reaches the output.
+
+The deployable's pyfunc takes an (N, 1, 28, 28) array, at most 1,024 images per call, while
+`spark_udf` hands a model a pandas DataFrame of up to 10,000 rows. So the UDF runs a thin
+pyfunc (PixelRows, below) that holds the deployable as an artifact, turns the array column into
+the tensor and calls the deployable in chunks: the champion's own code, weights and input
+checks do the scoring. PixelRows is pickled by value, so executors need mlflow, torch, numpy and
+pandas but not this package.
+
+This module imports no lightcycle module that predict.py and serve.py import from: it takes
+an already resolved model URI (see lightcycle.serving.predict.spark_predict).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+from lightcycle.model.data import CLASS_NAMES
+from lightcycle.errors import UserError
+from lightcycle.model.evaluate import metric_safe
+
+PIXELS = 28 * 28
+LOCAL_MASTER = "local[2]"
+MIN_JAVA = 17
+JAVA_HELP = ("install a Java 17 or 21 runtime: on Debian/Ubuntu `sudo apt-get install -y "
+             "openjdk-17-jre-headless` (`make test` does it when run as root), or set JAVA_HOME "
+             "to a JDK/JRE 17+")
+IGNORED_COLUMNS = ("label", "name", "id")
+RESULT_TYPE = "class_id long, label string, probabilities array<double>"
+MAX_BAD_ROWS_SHOWN = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Java and pyspark
+
+
+def java_unavailable_reason(env: dict[str, str] | None = None) -> str | None:
+    """None if a usable java is there (JAVA_HOME's, else PATH's), else what is wrong and the fix."""
+    env = dict(os.environ if env is None else env)
+    java_home = env.get("JAVA_HOME")
+    if java_home:
+        java = os.path.join(java_home, "bin", "java")
+        if not os.access(java, os.X_OK):
+            return (f"JAVA_HOME is {java_home}, which has no bin/java. Spark needs Java: "
+                    f"{JAVA_HELP}.")
+    else:
+        java = shutil.which("java", path=env.get("PATH", ""))
+        if java is None:
+            return f"Spark needs Java and there is no `java` on PATH and no JAVA_HOME: {JAVA_HELP}."
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60, env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{java} -version failed ({exc}). Spark needs Java: {JAVA_HELP}."
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if out.returncode != 0 or not match:
+        return f"{java} -version failed: {(out.stderr or out.stdout).strip()[:300]}. {JAVA_HELP}."
+    major = int(match[1]) if match[1] != "1" else int(match[2] or 0)
+    if major < MIN_JAVA:
+        return f"{java} is Java {major}; Spark 4 needs Java {MIN_JAVA} or newer: {JAVA_HELP}."
+    return None
+
+
+def require_spark() -> None:
+    """Fail with the fix before anything slow when pyspark or Java is missing."""
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        raise UserError("engine=spark needs pyspark: pip install -r requirements.txt "
+                        "(it pins pyspark).") from None
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):
+        return  # started by spark-submit: its JVM is already running
+    reason = java_unavailable_reason()
+    if reason:
+        raise UserError(f"engine=spark: {reason}")
+
+
+def parse_spark_conf(text: str) -> dict[str, str]:
+    """`key=value,key=value` (commas or newlines). A piece without `=` continues the previous
+    value, so list values work: `spark.jars=a.jar,b.jar,spark.executor.memory=4g`."""
+    conf: dict[str, str] = {}
+    last = None
+    for piece in re.split(r"[,\n]", text or ""):
+        if "=" in piece and re.match(r"^\s*[A-Za-z][\w.\-]*\s*=", piece):
+            key, value = piece.split("=", 1)
+            last = key.strip()
+            conf[last] = value.strip()
+        elif piece.strip():
+            if last is None:
+                raise UserError(f"spark_conf {text!r}: {piece.strip()!r} is not key=value; write "
+                                "spark_conf as key=value,key=value (e.g. "
+                                "spark.executor.memory=4g,spark.sql.shuffle.partitions=64).")
+            conf[last] += "," + piece.strip()
+    return conf
+
+
+def spark_session(master: str = "", conf: str | dict[str, str] = ""):
+    """A SparkSession. `master` empty: the one spark-submit (or a notebook) set up, else local[2].
+
+    In local mode the executors' Python is this interpreter, the UI is off, and shuffles use as
+    many partitions as there are cores.
+    """
+    require_spark()
+    from pyspark.sql import SparkSession
+
+    settings = parse_spark_conf(conf) if isinstance(conf, str) else dict(conf)
+    builder = SparkSession.builder.appName("lightcycle-predict")
+    managed = bool(os.environ.get("PYSPARK_GATEWAY_PORT")) or SparkSession.getActiveSession()
+    if master or not managed:
+        master = master or LOCAL_MASTER
+        builder = builder.master(master)
+    if (master or "").startswith("local"):
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        settings = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
+                    "spark.sql.shuffle.partitions": "2", **settings}
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("LIGHTCYCLE_SPARK_LOG_LEVEL", "ERROR"))
+    return spark
+
+
+# ---------------------------------------------------------------------------------------------
+# The pyfunc the UDF runs: pixel rows -> the deployable, in chunks
+
+
+class PixelRows(PythonModel):
+    """A pandas frame with one array column of 784 pixels -> the deployable's predictions."""
+
+    def load_context(self, context):
+        import mlflow.pyfunc
+
+        self.deployable = mlflow.pyfunc.load_model(context.artifacts["deployable"])
+        config = getattr(self.deployable, "model_config", None) or {}
+        self.max_batch = int(config.get("max_batch", 1024))
+
+    def predict(self, context, model_input, params=None):
+        column = model_input.iloc[:, 0]
+        pixels = np.stack(column.to_numpy()).astype(np.float32, copy=False)
+        pixels = pixels.reshape(len(column), 1, 28, 28)
+        parts = [self.deployable.predict(pixels[start:start + self.max_batch])
+                 for start in range(0, len(pixels), self.max_batch)]
+        return pd.concat(parts, ignore_index=True)
+
+
+def save_udf_model(model_uri: str, path: str | os.PathLike) -> str:
+    """Save PixelRows around `model_uri` (resolved: models:/<name>/<version> or a local dir)."""
+    import cloudpickle
+    import mlflow.pyfunc
+
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        mlflow.pyfunc.save_model(str(path), python_model=PixelRows(),
+                                 artifacts={"deployable": model_uri},
+                                 pip_requirements=["mlflow", "torch", "numpy", "pandas"])
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading, checking, scoring, writing
+
+
+@dataclass
+class SparkPrediction:
+    images: int
+    output: str
+    partitions: int
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri and not re.match(r"^[a-z][a-z0-9+.-]*:/", uri)
+
+
+def read_pixels(spark, input_uri: str):
+    """(name, pixels array<double>) per row, or UserError saying what the input should be."""
+    from pyspark.errors import AnalysisException
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    if _is_local(input_uri) and not Path(input_uri).exists():
+        raise UserError(f"Input {input_uri} does not exist; engine=spark expects a parquet file or "
+                        "a folder of parquet files.")
+    try:
+        frame = spark.read.parquet(input_uri)
+    except AnalysisException as exc:
+        raise UserError(f"Cannot read {input_uri} as parquet ({str(exc).splitlines()[0]}); "
+                        "engine=spark expects a parquet file or a folder of parquet files.") from None
+    fields = {f.name: f.dataType for f in frame.schema.fields}
+    numeric = (T.NumericType,)
+    arrays = [n for n, t in fields.items() if isinstance(t, T.ArrayType)]
+    if "pixels" in fields and isinstance(fields["pixels"], T.ArrayType):
+        element = fields["pixels"].elementType
+        if not isinstance(element, numeric):
+            raise UserError(f"{input_uri}: column pixels holds {element.simpleString()}; "
+                            "expected numbers 0-255.")
+        pixels = F.col("pixels").cast("array<double>")
+    else:
+        columns = [n for n in fields if n not in IGNORED_COLUMNS]
+        if arrays or len(columns) != PIXELS:
+            raise UserError(
+                f"{input_uri} has {len(columns)} pixel columns ({', '.join(columns[:3])}"
+                f"{', ...' if len(columns) > 3 else ''}); expected {PIXELS} numeric columns "
+                "(28x28, row-major) or one array column `pixels` of 784 numbers, plus optional "
+                "name/label/id columns.")
+        wrong = [n for n in columns if not isinstance(fields[n], numeric)]
+        if wrong:
+            raise UserError(f"{input_uri}: pixel column {wrong[0]} is {fields[wrong[0]].simpleString()};"
+                            " expected numbers 0-255.")
+        pixels = F.array(*[F.col(f"`{n}`").cast("double") for n in columns])
+    if "name" in fields:
+        name = F.col("name").cast("string")
+    else:
+        try:
+            frame = frame.select("*", F.col("_metadata.file_name").alias("_file"),
+                                 F.col("_metadata.row_index").alias("_row"))
+            name = F.concat(F.col("_file"), F.lit("["), F.col("_row").cast("string"), F.lit("]"))
+        except AnalysisException:  # a source without _metadata.row_index
+            name = F.concat(F.lit("row "), F.monotonically_increasing_id().cast("string"))
+    return frame.select(name.alias("name"), pixels.alias("pixels"))
+
+
+def problem_column():
+    """Per row: null if the pixels are fine, else what is wrong (first problem only)."""
+    from pyspark.sql import functions as F
+
+    px = F.col("pixels")
+    n = F.size(px)
+
+    def first(predicate):
+        # 0-based index of the first pixel matching `predicate`
+        return (F.array_position(F.transform(px, predicate), True) - 1).cast("string")
+
+    def value_at(index):
+        return F.element_at(px, index.cast("int") + 1).cast("string")
+
+    bad_null = first(lambda x: x.isNull())
+    bad_nan = first(lambda x: F.isnan(x))
+    bad_range = first(lambda x: (x < 0) | (x > 255))
+    return (F.when(px.isNull(), F.lit("pixels are null"))
+            .when(n != PIXELS, F.concat(F.lit("has "), n.cast("string"),
+                                        F.lit(f" pixels; expected {PIXELS} (28x28)")))
+            .when(F.exists(px, lambda x: x.isNull()),
+                  F.concat(F.lit("pixel "), bad_null, F.lit(" is null")))
+            .when(F.exists(px, lambda x: F.isnan(x)),
+                  F.concat(F.lit("pixel "), bad_nan, F.lit(" is NaN")))
+            .when(F.exists(px, lambda x: (x < 0) | (x > 255)),
+                  F.concat(F.lit("pixel "), bad_range, F.lit(" is "), value_at(bad_range),
+                           F.lit(", outside [0, 255]"))))
+
+
+def check_rows(rows, input_uri: str) -> None:
+    from pyspark.sql import functions as F
+
+    bad = rows.select("name", problem_column().alias("problem")).where(F.col("problem").isNotNull())
+    shown = bad.take(MAX_BAD_ROWS_SHOWN)
+    if shown:
+        listing = "; ".join(f"row {r['name']}: {r['problem']}" for r in shown)
+        more = " (first ones shown)" if len(shown) == MAX_BAD_ROWS_SHOWN else ""
+        raise UserError(f"{input_uri} has malformed rows{more}: {listing}. Every row needs "
+                        f"{PIXELS} pixel values in [0, 255], no null or NaN; nothing was written.")
+
+
+def _check_output(output: str) -> None:
+    """Overwrite only an earlier Spark output (or nothing): never a folder of other files."""
+    if not _is_local(output):
+        return  # the writer refuses to overwrite an existing remote path (mode errorifexists)
+    path = Path(output)
+    if path.is_file() or (path.is_dir() and any(path.iterdir()) and not (path / "_SUCCESS").exists()):
+        raise UserError(f"Output {output} exists and is not an earlier Spark output (a folder "
+                        "with _SUCCESS); engine=spark writes a folder of parquet part files: "
+                        "name a new path.")
+
+
+def score(spark, model_uri: str, input_uri: str, output: str) -> SparkPrediction:
+    """Score `input_uri` with the deployable at `model_uri` (resolved) into parquet `output`."""
+    import mlflow.pyfunc
+    from pyspark.sql import functions as F
+
+    _check_output(output)
+    rows = read_pixels(spark, input_uri)
+    check_rows(rows, input_uri)
+    parallelism = spark.sparkContext.defaultParallelism
+    partitions = rows.rdd.getNumPartitions()
+    if partitions < parallelism:  # e.g. one parquet row group: give every core a share
+        rows = rows.repartition(parallelism)
+        partitions = parallelism
+    with tempfile.TemporaryDirectory(prefix="lightcycle-spark-udf-") as tmp:
+        udf_model = save_udf_model(model_uri, Path(tmp) / "model")
+        predict = mlflow.pyfunc.spark_udf(spark, udf_model, result_type=RESULT_TYPE,
+                                          env_manager="local")
+        scored = rows.select("name", predict(F.col("pixels").cast("array<float>")).alias("p"))
+        columns = [F.col("name"), F.col("p.class_id").alias("class_id"),
+                   F.col("p.label").alias("label")]
+        columns += [F.col("p.probabilities")[i].alias(f"p_{metric_safe(c)}")
+                    for i, c in enumerate(CLASS_NAMES)]
+        writer = scored.select(*columns).write
+        if _is_local(output):
+            writer = writer.mode("overwrite")
+        try:
+            writer.parquet(output)
+        except Exception as exc:
+            if "already exists" in str(exc).split("\n")[0]:
+                raise UserError(f"Output {output} already exists; engine=spark never overwrites "
+                                "a remote path: name a new one.") from None
+            raise _explain(exc) from None
+    images = spark.read.parquet(output).count()
+    return SparkPrediction(images, output, partitions)
+
+
+def _explain(exc: Exception) -> Exception:
+    """A deployable's InputError raised on an executor, as one clear line; anything else as is."""
+    text = str(exc)
+    match = re.search(r"(?:InputError|MlflowException): (.+)", text)
+    if match:
+        return UserError(f"The model refused a batch: {match[1].strip()}")
+    return exc
+
+
+def spark_predict(model_uri: str, input_uri: str, output: str, master: str = "",
+                  conf: str = "") -> SparkPrediction:
+    """Start (or join) a Spark session, score, stop it if we started it."""
+    require_spark()
+    from pyspark.sql import SparkSession
+
+    existing = SparkSession.getActiveSession()
+    spark = spark_session(master, conf)
+    print(f"spark {spark.version}: master {spark.sparkContext.master}, "
+          f"{spark.sparkContext.defaultParallelism} cores", flush=True)
+    try:
+        return score(spark, model_uri, input_uri, output)
+    finally:
+        if existing is None and not os.environ.get("PYSPARK_GATEWAY_PORT"):
+            spark.stop()
