@@ -15,14 +15,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model_uri", type=text, default=defaults.SERVE["model_uri"])
     parser.add_argument("--input", type=text, required=True)
-    parser.add_argument("--output", type=text, default=defaults.AUTO,
+    parser.add_argument("--output", type=text, default=defaults.PREDICT["output"],
                         help="a CSV path (local) or parquet folder (spark); auto: only the run's "
                              "artifacts under predictions/")
-    parser.add_argument("--batch_size", type=integer, default=defaults.PREDICT_BATCH_SIZE)
-    parser.add_argument("--engine", type=text, choices=("local", "spark"), default="local")
-    parser.add_argument("--spark_master", type=text, default=defaults.AUTO,
+    parser.add_argument("--batch_size", type=integer, default=defaults.PREDICT["batch_size"])
+    parser.add_argument("--engine", type=text, choices=("local", "spark"),
+                        default=defaults.PREDICT["engine"])
+    parser.add_argument("--spark_master", type=text, default=defaults.PREDICT["spark_master"],
                         help="auto: the master spark-submit or a notebook set up, else local[2]")
-    parser.add_argument("--spark_conf", type=text, default="none",
+    parser.add_argument("--spark_conf", type=text, default=defaults.PREDICT["spark_conf"],
                         help="key=value,key=value; none: Spark's defaults")
     args = parser.parse_args(argv)
     spark = args.engine == "spark"

@@ -145,8 +145,7 @@ def test_mlproject_defaults_are_the_ones_in_defaults_py():
         "promote": {**STEP_DEFAULTS["promote"], "model_name": defaults.MODEL_NAME + "-scripted"},
         "lineage": {"model_uri": defaults.SERVE["model_uri"]},
         "serve": defaults.SERVE,
-        "predict": {"model_uri": defaults.SERVE["model_uri"], "output": defaults.AUTO,
-                    "batch_size": defaults.PREDICT_BATCH_SIZE},
+        "predict": {"model_uri": defaults.SERVE["model_uri"], **defaults.PREDICT},
     }
     assert set(expected) == set(project)
     for entry, params in project.items():

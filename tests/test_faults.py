@@ -84,6 +84,13 @@ def argv(pid: int) -> list[str]:
         return []
 
 
+def environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
 def versions(name: str, client: MlflowClient | None = None) -> list:
     try:
         return sorted((client or MlflowClient()).search_model_versions(f"name = '{name}'"),
@@ -190,9 +197,11 @@ def test_ddp_ranks_resume_from_the_same_checkpoint(tracking_uri, experiment, tmp
     try:
         train = poll(lambda: step_run(experiment, "train", "RUNNING"), 300, "the train run")
         poll(lambda: checkpoint_epochs(client, train.info.run_id), 300, "the first checkpoint")
-        ranks = poll(lambda: [p for p in descendants(first.pid) if argv(p)[1:2] == ["steps/train.py"]
-                              and Path(f"/proc/{p}/environ").read_bytes().find(b"LOCAL_RANK=1\0") >= 0],
-                     30, "rank 1's process")
+        # Lightning starts rank 1 as `python /abs/path/steps/train.py ...` with LOCAL_RANK=1.
+        ranks = poll(lambda: [p for p in descendants(first.pid)
+                              if argv(p)[1:2] and argv(p)[1].endswith("steps/train.py")
+                              and b"\0LOCAL_RANK=1\0" in b"\0" + environ(p)],
+                     60, "rank 1's process")
         os.kill(ranks[0], signal.SIGKILL)
     finally:
         returncode, output = finish(first, log, timeout=300)

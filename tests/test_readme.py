@@ -26,7 +26,7 @@ MARKER = "<!-- tests/test_readme.py runs every command of this block, in order -
 def readme_commands() -> list[str]:
     text = (PROJECT_ROOT / "README.md").read_text()
     block = text.split(MARKER, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    commands = [line.split("  #", 1)[0].strip() for line in block.splitlines()]
+    commands = [re.sub(r"\s#.*$", "", line).strip() for line in block.splitlines()]
     return [c for c in commands if c.startswith(("mlflow run", "python -m lightcycle"))]
 
 

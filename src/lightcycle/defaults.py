@@ -52,4 +52,5 @@ TUNE = {
 
 SERVE = {"model_uri": f"models:/{MODEL_NAME}-scripted@champion", "host": "127.0.0.1",
          "port": 5001, "workers": 1}
-PREDICT_BATCH_SIZE = 256
+PREDICT = {"output": AUTO, "batch_size": 256, "engine": "local", "spark_master": AUTO,
+           "spark_conf": "none"}
