@@ -110,6 +110,22 @@ def test_rerun_reuses_every_step(chain, tracking_uri):
     assert versions(chain["name"]) == [1] and versions(chain["deployable"]) == [1]
 
 
+@pytest.mark.backends("sqlite")
+def test_a_gate_is_not_reused_once_the_champion_has_moved(chain, tracking_uri):
+    """Someone moves `champion` (here: removes it, as the UI does); the same `main` then gates
+    again instead of reporting the old verdict, and the earlier steps stay reused."""
+    client = MlflowClient()
+    client.delete_registered_model_alias(chain["deployable"], "champion")
+    params = {"epochs": 1, "model_name": chain["name"], "min_accuracy": 0.2}
+    result = check(mlflow_run("main", params, chain["experiment"]))
+    assert "train: reusing" in result.stdout and "torchscript: reusing" in result.stdout
+    assert "promote: starting" in result.stdout
+    assert client.get_model_version_by_alias(chain["deployable"], "champion").version == "1"
+    # Where that gate left the champion is where it is now: the next run reuses it.
+    again = check(mlflow_run("main", params, chain["experiment"]))
+    assert again.stdout.count("reusing finished run") == 4
+
+
 def test_changed_gate_param_reuses_earlier_steps_only(chain, tracking_uri):
     result = check(mlflow_run("main", {"epochs": 1, "model_name": chain["name"], "min_accuracy": 0.99},
                               chain["experiment"]))

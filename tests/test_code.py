@@ -185,3 +185,27 @@ def test_readme_layout_names_every_module():
             assert f"{path.parent.name}/" in layout or path.parent == SRC, path
             continue
         assert path.name in layout, f"README's Layout does not name {path.relative_to(SRC)}"
+
+
+def test_code_version_follows_step_code_only(tmp_path):
+    """README, tests and benchmarks cannot change what a step does, so editing them keeps the
+    cache; one changed line of step code (committed or not) is a new code version."""
+    import shutil
+
+    from lightcycle.lifecycle.tracking import code_version
+
+    copy = tmp_path / "project"
+    shutil.copytree(PROJECT_ROOT, copy, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "data", "__pycache__", "*.egg-info", "mlruns", "mlartifacts"))
+    before = code_version(copy)
+    assert before == code_version(PROJECT_ROOT)  # the same content anywhere, git or not
+    for path in ("README.md", "tests/test_code.py", "bench/common.py", "BENCHMARKS.md"):
+        (copy / path).write_text((copy / path).read_text() + "\n# edited\n")
+    assert code_version(copy) == before
+    for path in ("src/lightcycle/lifecycle/promote.py", "steps/train.py", "MLproject",
+                 "requirements.txt"):
+        original = (copy / path).read_text()
+        (copy / path).write_text(original + "\n# edited\n")
+        assert code_version(copy) != before, path
+        (copy / path).write_text(original)
+    assert code_version(copy) == before
