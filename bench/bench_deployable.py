@@ -42,10 +42,9 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from common import save
+from common import plain_cnn_epochs, save
 from lightcycle.lifecycle import export
 from lightcycle.model import data
 from lightcycle.model.evaluate import images_tensor, predict_logits
@@ -55,23 +54,8 @@ warnings.simplefilter("ignore")
 
 
 def train_cnn(epochs: int, seed: int = 42) -> nn.Module:
-    from lightcycle.model.datamodule import FashionMNISTDataModule, augment
-
-    torch.manual_seed(seed)
-    dm = FashionMNISTDataModule(str(data.default_data_dir()), batch_size=32, seed=seed)
-    dm.setup()
-    train = dm.train_dataloader()
-    net = build_net("cnn")
-    opt = torch.optim.AdamW(net.parameters(), lr=0.005, weight_decay=0.0001)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.005, total_steps=epochs * len(train))
-    for _ in range(epochs):
-        net.train()
-        for images, labels in train:
-            loss = F.cross_entropy(net(augment(images)), labels, label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    for net, _ in plain_cnn_epochs(epochs, seed):
+        pass
     return net.eval()
 
 

@@ -18,11 +18,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from common import save
+from common import plain_cnn_epochs, save
 from lightcycle.model import data
 from lightcycle.model.classifier import FashionClassifier
-from lightcycle.model.datamodule import FashionMNISTDataModule, augment
-from lightcycle.model.nets import build_net
+from lightcycle.model.datamodule import FashionMNISTDataModule
 
 
 class EpochTimer(L.Callback):
@@ -50,28 +49,14 @@ def lightning_epochs(epochs: int) -> list[float]:
 
 
 def plain_epochs(epochs: int) -> list[float]:
-    torch.manual_seed(0)
-    dm = FashionMNISTDataModule(str(data.default_data_dir()), batch_size=32)
-    dm.setup()
-    train, val = dm.train_dataloader(), dm.val_dataloader()
-    net = build_net("cnn")
-    opt = torch.optim.AdamW(net.parameters(), lr=0.005, weight_decay=0.0001)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.005, total_steps=epochs * len(train))
-    times = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        net.train()
-        for images, labels in train:
-            loss = F.cross_entropy(net(augment(images)), labels, label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    times, start = [], time.perf_counter()
+    for net, val in plain_cnn_epochs(epochs):
         net.eval()
         with torch.no_grad():
             for images, labels in val:
                 F.cross_entropy(net(images), labels)
         times.append(time.perf_counter() - start)
+        start = time.perf_counter()
     return times
 
 
@@ -85,7 +70,7 @@ def main():
     plain = min(plain, statistics.median(plain_epochs(epochs)[1:]))
     lit = min(lit, statistics.median(lightning_epochs(epochs)[1:]))
     save("epoch", {"plain_epoch_s": round(plain, 3), "lightning_epoch_s": round(lit, 3),
-                   "ratio": round(lit / plain, 3), "goal_ratio": 1.10})
+                   "ratio": round(lit / plain, 3), "goal_ratio": 1.05})
 
 
 if __name__ == "__main__":

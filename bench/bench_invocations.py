@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_served import b64_body, images, json_body, save_models  # noqa: E402
-from common import save  # noqa: E402
+from common import save, untrained_cnn  # noqa: E402
 
 warnings.simplefilter("ignore")
 
@@ -31,10 +31,7 @@ def main() -> None:
     import mlflow.pyfunc
     from mlflow.pyfunc import scoring_server
 
-    from lightcycle.model.nets import build_net
-
-    torch.manual_seed(0)
-    net = build_net("cnn").eval()
+    net = untrained_cnn()
     os.environ["_MLFLOW_IS_IN_SERVING_ENVIRONMENT"] = "true"  # as scoring_server.init sets it
     with tempfile.TemporaryDirectory() as tmp:
         dirs = save_models(tmp, net, args.reference_rev)

@@ -30,10 +30,9 @@ import numpy as np
 import requests
 import torch
 
-from common import save
+from common import images_per_second, save, untrained_cnn
 from lightcycle.lifecycle import export
 from lightcycle.model import data
-from lightcycle.model.nets import build_net
 
 warnings.simplefilter("ignore", FutureWarning)
 
@@ -45,15 +44,7 @@ def batch_of(size: int) -> torch.Tensor:
 
 
 def throughput(fn, batch: int, seconds: float) -> float:
-    x = batch_of(batch)
-    with torch.inference_mode():
-        for _ in range(20):
-            fn(x)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            fn(x)
-            n += 1
-    return n * batch / (time.perf_counter() - start)
+    return images_per_second(fn, batch_of(batch), seconds)
 
 
 def factories(net) -> dict:
@@ -172,8 +163,7 @@ def main():
     args = parser.parse_args()
     import mlflow.pyfunc
 
-    torch.manual_seed(0)
-    net = build_net("cnn").eval()
+    net = untrained_cnn()
     figures = {"in_process_images_per_s": in_process(net, args.seconds)}
     best = max(v["batch64"] for v in figures["in_process_images_per_s"].values()
                if isinstance(v, dict))

@@ -38,7 +38,7 @@ import numpy as np
 import requests
 import torch
 
-from common import free_port, save
+from common import free_port, images_per_second, save
 from common import stop_process as stop
 from lightcycle.lifecycle import export, model_io
 from lightcycle.model import data
@@ -65,15 +65,8 @@ def b64_body(n: int) -> bytes:
 
 def in_process(archive: str, batch: int, seconds: float) -> float:
     module = torch.jit.load(archive, map_location="cpu").eval()
-    x = torch.from_numpy(images(batch)[:, None].astype(np.float32))
-    with torch.inference_mode():
-        for _ in range(20):
-            module(x)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            module(x)
-            n += 1
-    return n * batch / (time.perf_counter() - start)
+    return images_per_second(module, torch.from_numpy(images(batch)[:, None].astype(np.float32)),
+                             seconds)
 
 
 def start(cmd: list[str], port: int, env: dict) -> tuple[subprocess.Popen, float]:

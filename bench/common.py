@@ -29,3 +29,56 @@ def save(name: str, figures: dict) -> None:
     figures = {"machine": machine(), **figures}
     (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures, indent=2))
+
+
+def images_per_second(fn, x, seconds: float, warmup: int = 20) -> float:
+    """`fn(x)` called for `seconds` after `warmup` calls, in inference mode: images per second."""
+    import torch
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn(x)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            fn(x)
+            n += 1
+    return n * len(x) / (time.perf_counter() - start)
+
+
+def untrained_cnn():
+    """The project's `cnn`, seeded, in eval mode: shapes and speed of a trained one."""
+    import torch
+
+    from lightcycle.model.nets import build_net
+
+    torch.manual_seed(0)
+    return build_net("cnn").eval()
+
+
+def plain_cnn_epochs(epochs: int, seed: int = 0):
+    """The project's training recipe as a plain PyTorch loop (same net, data, augmentation,
+    AdamW + OneCycle, label smoothing). Yields once per epoch, after its training pass:
+    (net, validation loader)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lightcycle.model import data
+    from lightcycle.model.datamodule import FashionMNISTDataModule, augment
+    from lightcycle.model.nets import build_net
+
+    torch.manual_seed(seed)
+    dm = FashionMNISTDataModule(str(data.default_data_dir()), batch_size=32, seed=seed)
+    dm.setup()
+    train = dm.train_dataloader()
+    net = build_net("cnn")
+    opt = torch.optim.AdamW(net.parameters(), lr=0.005, weight_decay=0.0001)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.005, total_steps=epochs * len(train))
+    for _ in range(epochs):
+        net.train()
+        for images, labels in train:
+            loss = F.cross_entropy(net(augment(images)), labels, label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        yield net, dm.val_dataloader()
