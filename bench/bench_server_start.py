@@ -1,0 +1,62 @@
+"""`mlflow server` start-up with and without MLflow's job runner (issue 12: the test suite starts
+a dozen servers).
+
+    python bench/bench_server_start.py [--repeats 3]
+
+Each start: `mlflow server --workers 1` on a fresh sqlite store, timed to the first 200 on
+/health, then the number of processes in its group and their total RSS. Alternates the two
+settings so load from other processes hits both alike. Prints JSON (medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import free_port, save, stop_process, wait_for_http
+
+
+def start_once(jobs: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if jobs else "false"}
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1", "--backend-store-uri",
+             f"sqlite:///{tmp}/mlflow.db", "--artifacts-destination", f"{tmp}/artifacts"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout=180)
+            seconds = time.perf_counter() - t0
+            time.sleep(3)  # let the job runner's consumers finish starting before counting them
+            out = subprocess.run(["ps", "-o", "rss=", "-g", str(proc.pid)], capture_output=True,
+                                 text=True).stdout.split()
+            return {"seconds": seconds, "processes": len(out),
+                    "rss_mib": sum(int(x) for x in out) / 1024}
+        finally:
+            stop_process(proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rows: dict[bool, list[dict]] = {True: [], False: []}
+    for _ in range(args.repeats):
+        for jobs in (True, False):
+            rows[jobs].append(start_once(jobs))
+    figures = {("job_runner_on" if jobs else "job_runner_off"): {
+        k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
+        for jobs, runs in rows.items()}
+    save("server_start", figures)
+
+
+if __name__ == "__main__":
+    main()
