@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import sys
 
 import numpy as np
 
@@ -62,6 +63,26 @@ def model_metadata(**extra) -> dict:
             **extra}
 
 
+def mlflow_pytorch():
+    """`mlflow.pytorch`, imported without Lightning.
+
+    The module ends with `try: from ._lightning_autolog import ...` only to export a checkpoint
+    callback for autolog; that import pulls in pytorch_lightning, torchmetrics and torchvision's
+    models (about 8 s per process here). Logging and loading a plain net needs none of it, so
+    while mlflow.pytorch is first imported, `pytorch_lightning` is marked absent and the optional
+    import fails fast. A process that has already imported Lightning (train) is left as it is.
+    """
+    if "mlflow.pytorch" not in sys.modules and "pytorch_lightning" not in sys.modules:
+        sys.modules["pytorch_lightning"] = None  # makes `import pytorch_lightning` raise ImportError
+        try:
+            import mlflow.pytorch  # noqa: F401
+        finally:
+            del sys.modules["pytorch_lightning"]
+    import mlflow.pytorch
+
+    return mlflow.pytorch
+
+
 def log_eager_model(net, name: str = "model", **metadata):
     """Log the trained plain net as float32 (even after bf16 training), with a signature.
 
@@ -69,10 +90,8 @@ def log_eager_model(net, name: str = "model", **metadata):
     pt2 would hand back a graph module that `torch.jit.script` cannot take. Unpickling needs
     `lightcycle` importable (this project's venv, or `pip install -e .`).
     """
-    import mlflow.pytorch
-
     net = net.float().cpu().eval()
-    return mlflow.pytorch.log_model(
+    return mlflow_pytorch().log_model(
         net,
         name=name,
         serialization_format="pickle",
@@ -85,7 +104,5 @@ def log_eager_model(net, name: str = "model", **metadata):
 
 def load_eager_net(model_uri: str):
     """The plain `nn.Module` behind an eager model URI, in eval mode on the CPU."""
-    import mlflow.pytorch
-
-    net = mlflow.pytorch.load_model(model_uri, map_location="cpu", weights_only=False)
+    net = mlflow_pytorch().load_model(model_uri, map_location="cpu", weights_only=False)
     return net.float().eval()
