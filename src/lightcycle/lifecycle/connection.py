@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from lightcycle.errors import UserError
 
@@ -26,9 +27,18 @@ def use_bounded_retries() -> None:
         os.environ.setdefault(key, value)
 
 
+# A step started by `mlflow run` (MLFLOW_RUN_ID set) found the server answering moments ago,
+# when its run was created: a refused connection now is a restart in progress, so it waits
+# this long for the server to come back (a start takes 15-30 s here) before failing.
+RESTART_GRACE_SECONDS = 90.0
+
+
 def check_tracking_server(timeout: float = 10.0) -> str:
     """Fail at once, with a message that says what to do, when an HTTP tracking server is
-    unreachable or refuses our credentials (instead of a retried, minutes-long traceback)."""
+    unreachable or refuses our credentials (instead of a retried, minutes-long traceback).
+
+    A step whose run already exists on the server rides out a restart first (see
+    RESTART_GRACE_SECONDS)."""
     import mlflow
 
     uri = mlflow.get_tracking_uri()
@@ -37,13 +47,24 @@ def check_tracking_server(timeout: float = 10.0) -> str:
     import requests
 
     base = uri.rstrip("/")
-    try:
-        response = requests.get(base + "/health", timeout=timeout, verify=_tls_verify())
-    except requests.RequestException as exc:
-        raise UserError(
-            f"Cannot reach the MLflow tracking server at {uri} ({type(exc).__name__}). "
-            "Start it, or set MLFLOW_TRACKING_URI to a server this machine can reach."
-        ) from None
+    grace = RESTART_GRACE_SECONDS if os.environ.get("MLFLOW_RUN_ID") else 0.0
+    deadline, announced = time.monotonic() + grace, False
+    while True:
+        try:
+            response = requests.get(base + "/health", timeout=timeout, verify=_tls_verify())
+            break
+        except requests.RequestException as exc:
+            if time.monotonic() >= deadline:
+                raise UserError(
+                    f"Cannot reach the MLflow tracking server at {uri} ({type(exc).__name__})"
+                    + (f" for {grace:.0f} s" if grace else "") + ". Start it, or set "
+                    "MLFLOW_TRACKING_URI to a server this machine can reach."
+                ) from None
+            if not announced:
+                print(f"tracking server at {uri} is not answering; it created this run moments "
+                      f"ago, so waiting up to {grace:.0f} s for it to come back", flush=True)
+                announced = True
+            time.sleep(0.5)
     if response.status_code >= 500:
         raise UserError(
             f"The MLflow tracking server at {uri} answered /health with "

@@ -210,10 +210,7 @@ def open_study(cfg: TuneConfig, storage: str,
         # Optuna flags heartbeats as experimental; they are what turns the trial of a
         # crashed process into FAIL instead of leaving it RUNNING forever.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        rdb = optuna.storages.RDBStorage(
-            storage, heartbeat_interval=30, grace_period=120,
-            heartbeat_stale_trial_callback=_fail_stale_trial_run,
-        )
+        rdb = _rdb_storage(storage)
     existing = cfg.study_name in optuna.get_all_study_names(rdb)
     settings = {"epochs": cfg.epochs, "models": ",".join(cfg.model_choices), "seed": cfg.seed,
                 "data_digest": data.dataset_digest(cfg.data_dir), "objective": OBJECTIVE}
@@ -241,6 +238,27 @@ def open_study(cfg: TuneConfig, storage: str,
         for key, value in settings.items():
             study.set_user_attr(key, value)
     return study
+
+
+def _rdb_storage(storage: str) -> optuna.storages.RDBStorage:
+    """Optuna's storage, whose first opening creates its tables. Workers started together on a
+    new PostgreSQL database race to create them, and the loser gets "already exists" (or a
+    duplicate key in PostgreSQL's catalog): by then the tables are there, so open it again."""
+    import sqlalchemy.exc
+
+    attempts = 0
+    while True:
+        try:
+            return optuna.storages.RDBStorage(
+                storage, heartbeat_interval=30, grace_period=120,
+                heartbeat_stale_trial_callback=_fail_stale_trial_run,
+            )
+        except sqlalchemy.exc.DatabaseError as exc:
+            attempts += 1
+            text = str(exc).lower()
+            if attempts == 3 or not ("already exists" in text or "duplicate key" in text):
+                raise
+            time.sleep(0.5 * attempts)
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
