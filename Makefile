@@ -32,11 +32,11 @@ postgres:
 java:
 	@scripts/ensure-java.sh
 
-# Two pytest workers, one test file each at a time (module fixtures are built once): most of
-# the suite waits on subprocesses, so two workers roughly halve it on two cores.
+# Two pytest workers, one xdist group at a time (a module, or modules sharing a session fixture:
+# see tests/conftest.py), so module fixtures are built once; the longest groups start first.
 TEST_WORKERS ?= 2
 test: venv postgres java
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # A team-style tracking server: PostgreSQL if installed (persistent, in .mlflow-server/),
 # sqlite otherwise; artifacts proxied. HOST=0.0.0.0 PORT=5000 AUTH=1 (basic auth).

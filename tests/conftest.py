@@ -220,6 +220,53 @@ def copy_sample(dest: Path) -> Path:
     return dest
 
 
+SAMPLE_CHAIN_MODEL = "sample-fashion"
+
+
+@pytest.fixture(scope="session")
+def sample_chain(sqlite_server):
+    """One documented `main` (1 epoch, both deployables) on the default server, shared by the
+    modules that only read what it registered (serving, Spark). Modules that move aliases or
+    count runs make their own chain. Returns what it made."""
+    from mlflow import MlflowClient
+
+    experiment_id = MlflowClient(sqlite_server.url).create_experiment("sample-chain")
+    params = {"epochs": 1, "model_name": SAMPLE_CHAIN_MODEL, "min_accuracy": 0.1,
+              "deployable": "both"}
+    result = check(mlflow_run("main", params, experiment_id,
+                              env={"MLFLOW_TRACKING_URI": sqlite_server.url}))
+    return {"experiment": experiment_id, "name": SAMPLE_CHAIN_MODEL, "params": params,
+            "stdout": result.stdout,
+            "champion": f"models:/{SAMPLE_CHAIN_MODEL}-scripted@champion",
+            "pt2_champion": f"models:/{SAMPLE_CHAIN_MODEL}-pt2@champion"}
+
+
+# --- scheduling on pytest-xdist workers (`make test` runs `-n 2 --dist loadgroup`) ----------
+# Each module is one xdist group, so its module-scoped fixtures are built once, on one worker;
+# modules that share a session fixture name one group (`pytest.mark.xdist_group`). A worker
+# takes the next group when it is free, in collection order: the longest groups go first, so
+# no long one starts last while the other worker idles. Measured wall seconds, heaviest first.
+LONGEST_GROUPS_FIRST = ("faults-concurrent", "test_chain", "test_tune", "test_faults",
+                        "sample-chain", "faults-auth", "test_readme", "test_train",
+                        "test_postgres", "test_docker")
+
+
+def _group(item) -> str:
+    return item.get_closest_marker("xdist_group").args[0]
+
+
+def pytest_itemcollected(item):
+    if not item.get_closest_marker("xdist_group"):
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__.rsplit(".", 1)[-1]))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by parametrized fixtures
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_GROUPS_FIRST)}
+    # Stable: the items of a group (and of a module) keep their order and stay together.
+    items.sort(key=lambda item: rank.get(_group(item), len(rank)))
+
+
 @pytest.fixture(scope="session")
 def full_size_data(tmp_path_factory) -> Path:
     """A data_dir of the real data set's size (60,000 train / 10,000 test), built from the

@@ -312,6 +312,7 @@ def two_chains(backend_server, tmp_path_factory):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.xdist_group("faults-concurrent")
 def test_concurrent_mains_leave_one_champion_with_the_better_accuracy(two_chains):
     mlflow.set_tracking_uri(two_chains["url"])
     for returncode, output in two_chains["results"]:
@@ -436,6 +437,7 @@ def served(two_chains, tmp_path_factory):
 
 # Serving does not touch the tracking backend after start: sqlite only (it is the same server
 # as `tracking_uri`'s there).
+@pytest.mark.xdist_group("faults-concurrent")
 @pytest.mark.backends("sqlite")
 def test_load_8_clients_30s_mixed_requests_no_5xx_correct_answers_flat_memory(served,
                                                                              tracking_uri):
@@ -456,6 +458,7 @@ def test_load_8_clients_30s_mixed_requests_no_5xx_correct_answers_flat_memory(se
         result.rss_after_warmup_kib, result.rss_end_kib)
 
 
+@pytest.mark.xdist_group("faults-concurrent")
 @pytest.mark.backends("sqlite")
 def test_fault_alias_moved_while_serving_is_picked_up_by_restart_only(served, two_chains,
                                                                       tracking_uri, tmp_path):
@@ -547,6 +550,7 @@ def auth_chain(auth_server):
     return {"result": result, "name": name, "deployable": registry.deployable_name(name)}
 
 
+@pytest.mark.xdist_group("faults-auth")
 def test_auth_chain_runs_with_credentials_from_the_environment(auth_server, auth_chain,
                                                                 monkeypatch):
     result = check(auth_chain["result"])
@@ -568,6 +572,7 @@ STEP_ARGS = {
 }
 
 
+@pytest.mark.xdist_group("faults-auth")
 @pytest.mark.parametrize("credentials", ["missing", "wrong"])
 def test_auth_every_step_fails_at_once_with_a_clear_message(auth_server, credentials):
     env = _as(auth_server["url"], *((None, None) if credentials == "missing"
@@ -598,6 +603,7 @@ def test_auth_every_step_fails_at_once_with_a_clear_message(auth_server, credent
     assert after == before
 
 
+@pytest.mark.xdist_group("faults-auth")
 def test_auth_read_only_user_cannot_move_champion(auth_server, auth_chain, monkeypatch):
     check(auth_chain["result"])
     name = auth_chain["deployable"]

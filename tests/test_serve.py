@@ -11,34 +11,27 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import (PROJECT_ROOT, SAMPLE_DIR, check, free_port, mlflow_run, stop_process,
-                      wait_for_http)
+from conftest import (PROJECT_ROOT, SAMPLE_CHAIN_MODEL, SAMPLE_DIR, check, free_port,
+                      mlflow_run, stop_process, wait_for_http)
 from lightcycle.model import data
 from lightcycle.serving import scoring_server
 from lightcycle.errors import UserError
 
-pytestmark = pytest.mark.slow
-
-MODEL_NAME = "serve-fashion"
-
-
-CHAIN_PARAMS = {"epochs": 1, "model_name": MODEL_NAME, "min_accuracy": 0.1}
+# The session's shared chain (conftest.sample_chain): read here, never changed.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sample-chain")]
 
 
 @pytest.fixture(scope="module")
-def chain_experiment(tracking_server):
+def chain_experiment(sample_chain, tracking_server):
+    """Both deployables from one eager version: the pt2 tests compare their answers."""
     mlflow.set_tracking_uri(tracking_server.url)
-    experiment_id = mlflow.create_experiment("serve")
-    # Both deployables from one eager version: the pt2 tests compare their answers.
-    check(mlflow_run("main", {**CHAIN_PARAMS, "deployable": "both"}, experiment_id,
-                     env={"MLFLOW_TRACKING_URI": tracking_server.url}))
-    yield experiment_id
+    yield sample_chain["experiment"]
     mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")
-def champion(chain_experiment):
-    return f"models:/{MODEL_NAME}-scripted@champion"
+def champion(sample_chain, chain_experiment):
+    return sample_chain["champion"]
 
 
 def _start(cmd, port, tmp_path, env):
@@ -62,15 +55,15 @@ def server(champion, tracking_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pt2_server(chain_experiment, tracking_server, tmp_path_factory):
+def pt2_server(sample_chain, chain_experiment, tracking_server, tmp_path_factory):
     """The documented pt2 command, then `serve` on its champion."""
     env = {"MLFLOW_TRACKING_URI": tracking_server.url}
-    result = check(mlflow_run("main", {**CHAIN_PARAMS, "deployable": "pt2"}, chain_experiment,
-                              env=env))
-    assert f"champion    models:/{MODEL_NAME}-pt2/" in result.stdout, result.stdout
+    result = check(mlflow_run("main", {**sample_chain["params"], "deployable": "pt2"},
+                              chain_experiment, env=env))
+    assert f"champion    models:/{SAMPLE_CHAIN_MODEL}-pt2/" in result.stdout, result.stdout
     port = free_port()
     proc = _start(["mlflow", "run", str(PROJECT_ROOT), "-e", "serve", "--env-manager", "local",
-                   "-P", f"model_uri=models:/{MODEL_NAME}-pt2@champion", "-P", f"port={port}"],
+                   "-P", f"model_uri=models:/{SAMPLE_CHAIN_MODEL}-pt2@champion", "-P", f"port={port}"],
                   port, tmp_path_factory.mktemp("serve-pt2"), {**os.environ, **env})
     yield f"http://127.0.0.1:{port}"
     stop_process(proc)
@@ -171,9 +164,9 @@ def test_bad_input_gets_a_clear_4xx(server, case):
 def test_pt2_champion_is_torch_export_and_answers_like_torchscript(pt2_server, server,
                                                                     test_images):
     client = mlflow.MlflowClient()
-    version = client.get_model_version_by_alias(f"{MODEL_NAME}-pt2", "champion")
+    version = client.get_model_version_by_alias(f"{SAMPLE_CHAIN_MODEL}-pt2", "champion")
     assert version.tags["lightcycle.conversion"] == "export/exported"
-    scripted = client.get_model_version_by_alias(f"{MODEL_NAME}-scripted", "champion")
+    scripted = client.get_model_version_by_alias(f"{SAMPLE_CHAIN_MODEL}-scripted", "champion")
     assert version.tags["lightcycle.source_version"] == scripted.tags["lightcycle.source_version"]
     body = {"inputs": test_images.images[:64].tolist()}
     pt2_rows = invoke(pt2_server, body).json()["predictions"]

@@ -24,19 +24,15 @@ from lightcycle.model import data
 from lightcycle.serving import spark_scoring
 from lightcycle.errors import UserError
 
-pytestmark = pytest.mark.slow
-
-MODEL_NAME = "spark-fashion"
+# The session's shared chain (conftest.sample_chain): read here, never changed.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sample-chain")]
 PIXEL_COLUMNS = [f"px{i}" for i in range(784)]
 
 
 @pytest.fixture(scope="module")
-def champion(tracking_server):
+def champion(sample_chain, tracking_server):
     mlflow.set_tracking_uri(tracking_server.url)
-    experiment_id = mlflow.create_experiment("spark")
-    check(mlflow_run("main", {"epochs": 1, "model_name": MODEL_NAME, "min_accuracy": 0.1},
-                     experiment_id, env={"MLFLOW_TRACKING_URI": tracking_server.url}))
-    yield f"models:/{MODEL_NAME}-scripted@champion"
+    yield sample_chain["champion"]
     mlflow.set_tracking_uri(None)
 
 
