@@ -77,6 +77,24 @@ def test_register_and_main_do_not_import_torch():
     assert "torch" not in loaded
 
 
+def test_saving_and_loading_a_plain_net_does_not_import_lightning(tmp_path):
+    """`import mlflow.pytorch` alone imports pytorch_lightning (about 8 s here); the conversion,
+    gate and serving steps load nets through model_io, which keeps it out."""
+    code = (
+        "import sys\n"
+        "from lightcycle.lifecycle import model_io\n"
+        "from lightcycle.model.nets import build_net\n"
+        "model_io.mlflow_pytorch().save_model(build_net('cnn'), sys.argv[1],"
+        " serialization_format='pickle', pip_requirements=model_io.torch_requirements())\n"
+        "print(type(model_io.load_eager_net(sys.argv[1])).__name__)\n"
+        "print('\\n'.join(sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "net")], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[0] == "CNN"
+    assert not {"lightning", "pytorch_lightning", "torchmetrics"} & set(out[1:])
+
+
 SRC = PROJECT_ROOT / "src" / "lightcycle"
 # subpackage -> module prefixes none of its modules may import, directly or through others.
 LAYER_RULES = {
