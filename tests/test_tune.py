@@ -205,6 +205,7 @@ def test_a_killed_tune_resumes_its_study_instead_of_starting_over(experiment, tm
     import time
 
     from conftest import PROJECT_ROOT, stop_process
+    from lightcycle.training.tune import TRIAL_WORKER
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     # Two epochs per trial leave a few seconds to kill it inside trial 1.
@@ -221,7 +222,7 @@ def test_a_killed_tune_resumes_its_study_instead_of_starting_over(experiment, tm
                 trials = optuna.load_study(study_name="crash", storage=storage).trials
             except KeyError:  # the study is not created yet
                 trials = []
-            if len(trials) >= 2:
+            if len(trials) >= 2 and TRIAL_WORKER in trials[1].user_attrs:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "tune finished before it could be killed"
@@ -229,13 +230,17 @@ def test_a_killed_tune_resumes_its_study_instead_of_starting_over(experiment, tm
         proc.wait(30)
     finally:
         stop_process(proc)
-    subprocess.run(cmd, cwd=PROJECT_ROOT, check=True, capture_output=True, timeout=600)
-    states = [t.state for t in optuna.load_study(study_name="crash", storage=storage).trials]
-    # Trial 0 kept, trial 1 left behind by the crash (FAIL once its heartbeat is stale),
-    # and only one new trial to reach n_trials=2 finished.
+    rerun = subprocess.run(cmd, cwd=PROJECT_ROOT, check=True, capture_output=True, text=True,
+                           timeout=600)
+    trials = optuna.load_study(study_name="crash", storage=storage).trials
+    states = [t.state for t in trials]
+    # Trial 0 kept; trial 1, left RUNNING by the killed process on this machine, marked FAIL
+    # at once (not after the two-minute heartbeat grace); one new trial reaches n_trials=2.
     assert states[0] == states[2] == optuna.trial.TrialState.COMPLETE
-    assert states[1] in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL)
+    assert states[1] == optuna.trial.TrialState.FAIL
     assert len(states) == 3
+    assert "trial 1 was left RUNNING by process" in rerun.stdout
+    assert MlflowClient().get_run(trials[1].user_attrs["mlflow_run_id"]).info.status == "FAILED"
 
 
 @pytest.mark.slow

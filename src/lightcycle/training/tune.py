@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 import warnings
 import zlib
@@ -146,6 +147,7 @@ def fit_trial(cfg: TuneConfig, trial: optuna.Trial, params: dict[str, object],
 
 def make_objective(cfg: TuneConfig, study_name: str):
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(TRIAL_WORKER, _this_process())
         params = suggest(trial, cfg.model_choices)
         # Explicit start/end rather than `with`: a pruned trial must end KILLED, and the
         # context manager would end it (or, once popped, the parent) with its own status.
@@ -177,6 +179,44 @@ def make_objective(cfg: TuneConfig, study_name: str):
         finally:
             mlflow.end_run(status)
     return objective
+
+
+# "<host>:<pid>" of the process running a trial: lets a worker on the same machine tell that a
+# RUNNING trial's process is gone, instead of waiting out the heartbeat grace period.
+TRIAL_WORKER = "lightcycle_worker"
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_dead_local_trials(study: optuna.Study) -> int:
+    """FAIL the RUNNING trials whose process ran on this machine and is gone (a killed `tune`),
+    at once rather than two minutes later when their heartbeat goes stale. Trials of other
+    machines are left to the heartbeat. Returns how many were failed."""
+    host = socket.gethostname()
+    failed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get(TRIAL_WORKER, "")).rpartition(":")
+        if worker_host != host or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        # skip_if_finished: another worker may have settled it a moment ago.
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        _fail_stale_trial_run(study, trial)
+        print(f"[tune] trial {trial.number} was left RUNNING by process {pid}, which is gone: "
+              "marked FAIL", flush=True)
+        failed += 1
+    return failed
 
 
 def _fail_stale_trial_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -268,8 +308,8 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def wait_for_other_workers(study: optuna.Study, poll: float = 2.0) -> None:
     """Until no trial of the study is RUNNING: the summary then counts every worker's trials.
 
-    A trial whose worker died turns FAIL once its heartbeat is stale (open_study's grace
-    period), so this ends even then.
+    A trial whose worker died turns FAIL at once when that worker ran on this machine, and
+    otherwise once its heartbeat is stale (open_study's grace period), so this ends even then.
     """
     announced = False
     while running := study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -277,6 +317,7 @@ def wait_for_other_workers(study: optuna.Study, poll: float = 2.0) -> None:
             print(f"[tune] waiting for {len(running)} trial(s) other workers are running",
                   flush=True)
             announced = True
+        fail_dead_local_trials(study)
         optuna.storages.fail_stale_trials(study)
         time.sleep(poll)
 
@@ -300,6 +341,7 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> op
         raise RuntimeError("tune needs an active MLflow run (the parent of the trial runs)")
     study = open_study(cfg, storage, pruner, worker=parent.info.run_id)
     mlflow.set_tags({TAG_STUDY: cfg.study_name, TAG_STORAGE: storage})
+    fail_dead_local_trials(study)
     tracking.log_params_once({k: v for k, v in dataclasses.asdict(cfg).items()})
 
     remaining = cfg.n_trials - len(finished(study))
