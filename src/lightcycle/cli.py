@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from lightcycle.errors import UserError
@@ -27,6 +28,12 @@ def run_step(main, argv: list[str] | None = None) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        # The interpreter's shutdown collects garbage over every object torch, MLflow and
+        # Lightning created at import: 2-4 s per step process here. Frozen objects are skipped
+        # by those collections (nothing else changes: atexit handlers, flushes and thread joins
+        # still run), so a step exits in about 1 s.
+        gc.freeze()
 
 
 def text(value: str) -> str:
