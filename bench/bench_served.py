@@ -3,10 +3,14 @@
     PATH=.venv/bin:$PATH .venv/bin/python bench/bench_served.py [--rounds 3] [--seconds 4]
         [--reference-rev 1879355] [--eager-uri models:/lightcycle-fashion/1]
 
-One net (`--eager-uri`, or an untrained `cnn` with seed 0: same shapes, same cost) gives:
-  * the TorchScript deployable exactly as the chain saves it (frozen, `deployable_model_kwargs`),
-    with this checkout's `serving_model.py` ("new") and with the one at `--reference-rev`
-    ("reference", today's wrapper);
+One net (`--eager-uri`, or a `cnn` trained `--train-epochs` epochs on the sample by the plain
+loop of bench/common.py; 0: untrained, same shapes and cost) gives:
+  * a frozen TorchScript archive (`torch.jit.freeze(torch.jit.script(net))`) behind
+    `deployable_model_kwargs`, with this checkout's `serving_model.py` ("new") and with the one
+    at `--reference-rev` ("reference", the wrapper before issue 12);
+  * the deployables exactly as the chain builds them now, through export.convert and
+    export.optimize: `deployable=torchscript` ("chain_torchscript": channels_last, frozen) and
+    `deployable=int8` ("int8": FX static int8, calibrated on 512 sample training images);
   * a plain `mlflow.pytorch.save_model(net)` with MLflow's defaults ("plain_pytorch").
 Each round measures, one after the other on this machine:
   * in-process images/s of the deployable's archive (`torch.jit.load`, fresh per batch size,
@@ -127,6 +131,24 @@ def save_models(tmp: str, net, reference_rev: str) -> dict[str, str]:
         check=True, capture_output=True, text=True).stdout)
     dirs["reference"] = os.path.join(tmp, "reference")
     mlflow.pyfunc.save_model(dirs["reference"], **{**kwargs, "python_model": reference_code})
+    # The chain's own conversions (export.publish without the run and registry).
+    sample = data.load_split(data.default_data_dir(), "test").images[:, None].astype(np.float32)
+    held_out = torch.from_numpy(sample)
+    with torch.inference_mode():
+        eager_logits = net(held_out)
+    example = torch.from_numpy(model_io.input_example())
+    calibration = torch.from_numpy(
+        data.load_split(data.default_data_dir(), "train").images[:512, None].astype(np.float32))
+    for name, method in (("chain_torchscript", "script"), ("int8", "quantize")):
+        converted = export.convert(net, method, example, calibration)
+        best, stage, parity = export.optimize(converted, held_out, eager_logits,
+                                              quantized=method == "quantize")
+        dirs[f"{name}_archive"] = os.path.join(tmp, f"{name}.pt")
+        dirs[f"{name}_stage"] = f"{stage}, {parity.describe()}"
+        export.save_archive(best, dirs[f"{name}_archive"])
+        dirs[name] = os.path.join(tmp, name)
+        mlflow.pyfunc.save_model(dirs[name], **export.deployable_model_kwargs(
+            dirs[f"{name}_archive"], "torchscript"))
     dirs["plain_pytorch"] = os.path.join(tmp, "plain_pytorch")
     # MLflow's defaults (pt2 serialization, tensor signature from the example); explicit
     # requirements only to skip 10 s of inference at save time (no effect on serving).
@@ -147,11 +169,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--latency-requests", type=int, default=300)
     parser.add_argument("--reference-rev", default="1879355")
-    parser.add_argument("--eager-uri", default="", help="trained eager model; default: untrained cnn")
+    parser.add_argument("--eager-uri", default="", help="a trained eager model to use")
+    parser.add_argument("--train-epochs", type=int, default=3,
+                        help="without --eager-uri: train a cnn this long (0: untrained)")
     args = parser.parse_args()
 
     if args.eager_uri:
         net = model_io.load_eager_net(args.eager_uri)
+    elif args.train_epochs:
+        from common import plain_cnn_epochs
+
+        for net, _ in plain_cnn_epochs(args.train_epochs):
+            pass
+        net = net.eval()
     else:
         from lightcycle.model.nets import build_net
 
@@ -178,13 +208,19 @@ def main() -> None:
                 "new_lightcycle_serve_1_thread": (
                     [sys.executable, "steps/serve.py", "--model_uri", dirs["new"], "--port",
                      str(port)], ["json", "b64"]),
+                "chain_torchscript": (models_serve + [dirs["chain_torchscript"]],
+                                      ["json", "b64"]),
+                "int8": (models_serve + [dirs["int8"]], ["json", "b64"]),
                 "plain_pytorch": (models_serve + [dirs["plain_pytorch"]], ["json"]),
             }
 
         for r in range(args.rounds):
             for batch in (64, 1):
-                rows.setdefault(f"in_process_batch{batch}", []).append(
-                    {"images_per_s": in_process(dirs["archive"], batch, args.seconds)})
+                for prefix, archive in (("", "archive"),
+                                        ("chain_torchscript_", "chain_torchscript_archive"),
+                                        ("int8_", "int8_archive")):
+                    rows.setdefault(f"{prefix}in_process_batch{batch}", []).append(
+                        {"images_per_s": in_process(dirs[archive], batch, args.seconds)})
             for name in servers(0):
                 port = free_port()  # a fresh port: a server being stopped may still answer
                 cmd, forms = servers(port)[name]
@@ -210,9 +246,16 @@ def main() -> None:
         if "batch64_images_per_s" in row:
             ratios[f"{key}_vs_in_process_batch64"] = round(row["batch64_images_per_s"] / in_proc, 3)
             ratios[f"{key}_vs_plain_pytorch_batch64"] = round(row["batch64_images_per_s"] / plain, 2)
+    for name in ("chain_torchscript", "int8"):
+        own = figures[f"{name}_in_process_batch64"]["images_per_s"]
+        for form in ("json", "b64"):
+            served = figures[f"{name}_{form}"]["batch64_images_per_s"]
+            ratios[f"{name}_{form}_vs_own_in_process_batch64"] = round(served / own, 3)
     save("served", {"rounds": args.rounds, "seconds": args.seconds,
                     "reference_rev": args.reference_rev,
-                    "net": args.eager_uri or "untrained cnn, seed 0",
+                    "net": args.eager_uri or (f"cnn, {args.train_epochs} epochs of the plain loop"
+                                              if args.train_epochs else "untrained cnn, seed 0"),
+                    "conversions": {k: dirs[f"{k}_stage"] for k in ("chain_torchscript", "int8")},
                     "load_average_at_end": os.getloadavg(),
                     "medians": figures, "ratios": ratios, "goals": GOALS})
 

@@ -242,29 +242,38 @@ def sample_chain(sqlite_server):
 
 
 # --- scheduling on pytest-xdist workers (`make test` runs `-n 2 --dist loadgroup`) ----------
-# Each module is one xdist group, so its module-scoped fixtures are built once, on one worker;
-# modules that share a session fixture name one group (`pytest.mark.xdist_group`). A worker
-# takes the next group when it is free, in collection order: the longest groups go first, so
-# no long one starts last while the other worker idles. Measured wall seconds, heaviest first.
-LONGEST_GROUPS_FIRST = ("faults-concurrent", "test_chain", "test_tune", "test_faults",
-                        "sample-chain", "faults-auth", "test_readme", "test_train",
-                        "test_postgres", "test_docker")
-
-
-def _group(item) -> str:
-    return item.get_closest_marker("xdist_group").args[0]
+# Each module is one xdist group per tracking backend, so its module-scoped fixtures are built
+# once, on one worker; modules that share a session fixture name one group
+# (`pytest.mark.xdist_group`). A worker takes the next group when it is nearly done with its
+# own, in collection order: the longest groups go first, so no long one starts last while the
+# other worker idles. Heaviest first, by their measured seconds (BENCHMARKS.md).
+LONGEST_GROUPS_FIRST = (
+    "test_chain-sqlite", "sample-chain", "test_faults", "test_readme", "test_tune",
+    "test_chain-postgresql", "faults-auth", "faults-concurrent-sqlite", "test_train",
+    "faults-concurrent-postgresql", "test_postgres-postgresql", "test_docker",
+)
 
 
 def pytest_itemcollected(item):
-    if not item.get_closest_marker("xdist_group"):
-        item.add_marker(pytest.mark.xdist_group(item.module.__name__.rsplit(".", 1)[-1]))
+    marker = item.get_closest_marker("xdist_group")
+    group = marker.args[0] if marker else item.module.__name__.rsplit(".", 1)[-1]
+    backend = item.callspec.params.get("backend_server") if hasattr(item, "callspec") else None
+    if backend:
+        group = f"{group}-{backend}"
+        item.own_markers[:] = [m for m in item.own_markers if m.name != "xdist_group"]
+    if backend or not marker:
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by parametrized fixtures
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_GROUPS_FIRST)}
+
+    def group(item) -> str:
+        return item.get_closest_marker("xdist_group").args[0]
+
     # Stable: the items of a group (and of a module) keep their order and stay together.
-    items.sort(key=lambda item: rank.get(_group(item), len(rank)))
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))
 
 
 @pytest.fixture(scope="session")
