@@ -8,9 +8,9 @@ loop of bench/common.py; 0: untrained, same shapes and cost) gives:
   * a frozen TorchScript archive (`torch.jit.freeze(torch.jit.script(net))`) behind
     `deployable_model_kwargs`, with this checkout's `serving_model.py` ("new") and with the one
     at `--reference-rev` ("reference", the wrapper before issue 12);
-  * the deployables exactly as the chain builds them now, through export.convert and
-    export.optimize: `deployable=torchscript` ("chain_torchscript": channels_last, frozen) and
-    `deployable=int8` ("int8": FX static int8, calibrated on 512 sample training images);
+  * the deployables exactly as the chain builds them now (export.convert_and_check):
+    `deployable=torchscript` ("chain_torchscript": channels_last, frozen) and
+    `deployable=int8` ("int8": FX static int8, calibrated on the sample's training images);
   * a plain `mlflow.pytorch.save_model(net)` with MLflow's defaults ("plain_pytorch").
 Each round measures, one after the other on this machine:
   * in-process images/s of the deployable's archive (`torch.jit.load`, fresh per batch size,
@@ -132,17 +132,8 @@ def save_models(tmp: str, net, reference_rev: str) -> dict[str, str]:
     dirs["reference"] = os.path.join(tmp, "reference")
     mlflow.pyfunc.save_model(dirs["reference"], **{**kwargs, "python_model": reference_code})
     # The chain's own conversions (export.publish without the run and registry).
-    sample = data.load_split(data.default_data_dir(), "test").images[:, None].astype(np.float32)
-    held_out = torch.from_numpy(sample)
-    with torch.inference_mode():
-        eager_logits = net(held_out)
-    example = torch.from_numpy(model_io.input_example())
-    calibration = torch.from_numpy(
-        data.load_split(data.default_data_dir(), "train").images[:512, None].astype(np.float32))
     for name, method in (("chain_torchscript", "script"), ("int8", "quantize")):
-        converted = export.convert(net, method, example, calibration)
-        best, stage, parity = export.optimize(converted, held_out, eager_logits,
-                                              quantized=method == "quantize")
+        best, stage, parity, _ = export.convert_and_check(net, method, data.default_data_dir())
         dirs[f"{name}_archive"] = os.path.join(tmp, f"{name}.pt")
         dirs[f"{name}_stage"] = f"{stage}, {parity.describe()}"
         export.save_archive(best, dirs[f"{name}_archive"])

@@ -272,6 +272,26 @@ class Deployable:
     run_id: str
 
 
+def convert_and_check(eager: torch.nn.Module, method: str, data_dir: str | os.PathLike):
+    """What `publish` would log for `eager`: the converted module after the passes that keep
+    parity, its stage, its parity on the held-out split of `data_dir` and the calibration
+    images (quantize only, else None). Nothing is logged."""
+    quantized = method in QUANTIZED_METHODS
+    test_split = data.load_split(data_dir, "test")
+    images = images_tensor(test_split)
+    reference = Reference(images, predict_logits(eager, images), test_split.labels)
+    calibration = None
+    if quantized:
+        synthetic = synthetic_images(images)
+        reference = Reference(images, reference.logits, test_split.labels, synthetic,
+                              predict_logits(eager, synthetic))
+        calibration = images_tensor(data.load_split(data_dir, "train"))[:CALIBRATION_IMAGES]
+    converted = convert(eager, method, images[:64] if quantized else images[:2], calibration)
+    if FORMATS[method] == "pt2":
+        return (*check_program(converted, None, reference), calibration)
+    return (*optimize(converted, None, reference, quantized), calibration)
+
+
 def publish(
     model_uri: str,
     method: str = "script",
@@ -286,22 +306,8 @@ def publish(
     quantized = method in QUANTIZED_METHODS
     name = deployable_name or registry.deployable_name(
         source.name, "int8" if quantized else FORMATS[method])
-    test_split = data.load_split(data_dir, "test")
-    images = images_tensor(test_split)
-
     eager = model_io.load_eager_net(source.uri)
-    reference = Reference(images, predict_logits(eager, images), test_split.labels)
-    calibration = None
-    if quantized:
-        synthetic = synthetic_images(images)
-        reference = Reference(images, reference.logits, test_split.labels, synthetic,
-                              predict_logits(eager, synthetic))
-        calibration = images_tensor(data.load_split(data_dir, "train"))[:CALIBRATION_IMAGES]
-    converted = convert(eager, method, images[:64] if quantized else images[:2], calibration)
-    if FORMATS[method] == "pt2":
-        best, stage, parity = check_program(converted, None, reference)
-    else:
-        best, stage, parity = optimize(converted, None, reference, quantized)
+    best, stage, parity, calibration = convert_and_check(eager, method, data_dir)
     metrics = {"parity_max_abs_diff": parity.max_abs_diff,
                "parity_argmax_mismatches": parity.argmax_mismatches}
     params = {"parity_images": parity.images, "source_version": source.uri, "optimization": stage}
