@@ -133,10 +133,10 @@ def save_models(tmp: str, net, reference_rev: str) -> dict[str, str]:
     mlflow.pyfunc.save_model(dirs["reference"], **{**kwargs, "python_model": reference_code})
     # The chain's own conversions (export.publish without the run and registry).
     for name, method in (("chain_torchscript", "script"), ("int8", "quantize")):
-        best, stage, parity, _ = export.convert_and_check(net, method, data.default_data_dir())
+        conversion = export.convert_and_check(net, method, data.default_data_dir())
         dirs[f"{name}_archive"] = os.path.join(tmp, f"{name}.pt")
-        dirs[f"{name}_stage"] = f"{stage}, {parity.describe()}"
-        export.save_archive(best, dirs[f"{name}_archive"])
+        dirs[f"{name}_stage"] = f"{conversion.stage}, {conversion.parity.describe()}"
+        export.save_archive(conversion.module, dirs[f"{name}_archive"])
         dirs[name] = os.path.join(tmp, name)
         mlflow.pyfunc.save_model(dirs[name], **export.deployable_model_kwargs(
             dirs[f"{name}_archive"], "torchscript"))

@@ -272,10 +272,19 @@ class Deployable:
     run_id: str
 
 
-def convert_and_check(eager: torch.nn.Module, method: str, data_dir: str | os.PathLike):
+@dataclass(frozen=True)
+class Conversion:
+    module: object  # the ScriptModule or ExportedProgram to save
+    stage: str  # the last pass that kept parity: scripted, frozen, optimized or exported
+    parity: Parity
+    eager_accuracy: float  # on the held-out split the parity was measured on
+    calibration_images: int  # quantize only, else 0
+
+
+def convert_and_check(eager: torch.nn.Module, method: str,
+                      data_dir: str | os.PathLike) -> Conversion:
     """What `publish` would log for `eager`: the converted module after the passes that keep
-    parity, its stage, its parity on the held-out split of `data_dir` and the calibration
-    images (quantize only, else None). Nothing is logged."""
+    parity, with that parity on the held-out split of `data_dir`. Nothing is logged."""
     quantized = method in QUANTIZED_METHODS
     test_split = data.load_split(data_dir, "test")
     images = images_tensor(test_split)
@@ -288,8 +297,12 @@ def convert_and_check(eager: torch.nn.Module, method: str, data_dir: str | os.Pa
         calibration = images_tensor(data.load_split(data_dir, "train"))[:CALIBRATION_IMAGES]
     converted = convert(eager, method, images[:64] if quantized else images[:2], calibration)
     if FORMATS[method] == "pt2":
-        return (*check_program(converted, None, reference), calibration)
-    return (*optimize(converted, None, reference, quantized), calibration)
+        best, stage, parity = check_program(converted, None, reference)
+    else:
+        best, stage, parity = optimize(converted, None, reference, quantized)
+    eager_accuracy = float((reference.logits.argmax(1).numpy() == test_split.labels).mean())
+    return Conversion(best, stage, parity, eager_accuracy,
+                      0 if calibration is None else len(calibration))
 
 
 def publish(
@@ -307,7 +320,8 @@ def publish(
     name = deployable_name or registry.deployable_name(
         source.name, "int8" if quantized else FORMATS[method])
     eager = model_io.load_eager_net(source.uri)
-    best, stage, parity, calibration = convert_and_check(eager, method, data_dir)
+    conversion = convert_and_check(eager, method, data_dir)
+    best, stage, parity = conversion.module, conversion.stage, conversion.parity
     metrics = {"parity_max_abs_diff": parity.max_abs_diff,
                "parity_argmax_mismatches": parity.argmax_mismatches}
     params = {"parity_images": parity.images, "source_version": source.uri, "optimization": stage}
@@ -318,7 +332,7 @@ def publish(
         params.update(parity_min_agreement=QUANT_MIN_AGREEMENT,
                       parity_max_accuracy_drop=QUANT_MAX_ACCURACY_DROP,
                       parity_synthetic_images=parity.synthetic_images,
-                      calibration_images=len(calibration))
+                      calibration_images=conversion.calibration_images)
     else:
         params["parity_atol"] = PARITY_ATOL
     mlflow.log_metrics(metrics)
@@ -330,8 +344,7 @@ def publish(
         )
 
     # The accuracy the deployable itself has: eager's, or (int8) its own on the same images.
-    accuracy = float((reference.logits.argmax(1).numpy() == test_split.labels).mean()
-                     - parity.accuracy_drop)
+    accuracy = conversion.eager_accuracy - parity.accuracy_drop
     info = log_deployable(best, method, source, parity, accuracy)
     run_id = mlflow.active_run().info.run_id
     mlflow.set_tag(tracking.TAG_MODEL_ID, info.model_id)
