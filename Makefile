@@ -33,10 +33,11 @@ java:
 	@scripts/ensure-java.sh
 
 # Two pytest workers, one xdist group at a time (a module, or modules sharing a session fixture:
-# see tests/conftest.py), so module fixtures are built once; the longest groups start first.
+# see tests/conftest.py), so module fixtures are built once; the longest groups start first
+# (--no-loadscope-reorder keeps conftest's order instead of xdist's "most tests first").
 TEST_WORKERS ?= 2
 test: venv postgres java
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 # A team-style tracking server: PostgreSQL if installed (persistent, in .mlflow-server/),
 # sqlite otherwise; artifacts proxied. HOST=0.0.0.0 PORT=5000 AUTH=1 (basic auth).

@@ -246,11 +246,12 @@ def sample_chain(sqlite_server):
 # once, on one worker; modules that share a session fixture name one group
 # (`pytest.mark.xdist_group`). A worker takes the next group when it is nearly done with its
 # own, in collection order: the longest groups go first, so no long one starts last while the
-# other worker idles. Heaviest first, by their measured seconds (BENCHMARKS.md).
+# other worker idles. Heaviest first, by their measured seconds (BENCHMARKS.md); `make test`
+# passes --no-loadscope-reorder, or xdist would put the groups with the most tests first.
 LONGEST_GROUPS_FIRST = (
-    "test_chain-sqlite", "sample-chain", "test_faults", "test_readme", "test_tune",
-    "test_chain-postgresql", "faults-auth", "faults-concurrent-sqlite", "test_train",
-    "faults-concurrent-postgresql", "test_postgres-postgresql", "test_docker",
+    "test_chain-sqlite", "test_faults", "sample-chain", "test_readme", "test_tune", "faults-auth",
+    "test_chain-postgresql", "test_train", "faults-concurrent-sqlite", "test_postgres-postgresql",
+    "test_docker", "faults-concurrent-postgresql",
 )
 
 
