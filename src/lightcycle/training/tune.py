@@ -200,12 +200,11 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def fail_dead_local_trials(study: optuna.Study) -> int:
+def fail_dead_local_trials(study: optuna.Study) -> None:
     """FAIL the RUNNING trials whose process ran on this machine and is gone (a killed `tune`),
     at once rather than two minutes later when their heartbeat goes stale. Trials of other
-    machines are left to the heartbeat. Returns how many were failed."""
+    machines are left to the heartbeat."""
     host = socket.gethostname()
-    failed = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker_host, _, pid = str(trial.user_attrs.get(TRIAL_WORKER, "")).rpartition(":")
         if worker_host != host or not pid.isdigit() or _process_alive(int(pid)):
@@ -215,8 +214,6 @@ def fail_dead_local_trials(study: optuna.Study) -> int:
         _fail_stale_trial_run(study, trial)
         print(f"[tune] trial {trial.number} was left RUNNING by process {pid}, which is gone: "
               "marked FAIL", flush=True)
-        failed += 1
-    return failed
 
 
 def _fail_stale_trial_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
