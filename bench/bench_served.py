@@ -11,7 +11,9 @@ loop of bench/common.py; 0: untrained, same shapes and cost) gives:
   * the deployables exactly as the chain builds them now (export.convert_and_check):
     `deployable=torchscript` ("chain_torchscript": channels_last, frozen) and
     `deployable=int8` ("int8": FX static int8, calibrated on the sample's training images);
-  * a plain `mlflow.pytorch.save_model(net)` with MLflow's defaults ("plain_pytorch").
+  * a plain `mlflow.pytorch.save_model(net)` with MLflow's defaults ("plain_pytorch");
+  * "no_model": a pyfunc with the deployable's signature that answers zeros without a model:
+    the floor `mlflow models serve` itself puts under batch-1 latency and cold start.
 Each round measures, one after the other on this machine:
   * in-process images/s of the deployable's archive (`torch.jit.load`, fresh per batch size,
     20 warm-up calls, then `--seconds` of calls), batch 64 and batch 1;
@@ -140,6 +142,16 @@ def save_models(tmp: str, net, reference_rev: str) -> dict[str, str]:
         dirs[name] = os.path.join(tmp, name)
         mlflow.pyfunc.save_model(dirs[name], **export.deployable_model_kwargs(
             dirs[f"{name}_archive"], "torchscript"))
+    # No model at all: the deployable's signature and wrapper contract, answered with zeros.
+    # Its batch-1 latency and cold start are what `mlflow models serve` costs before any model.
+    class NoModel(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return np.zeros((len(model_input), 10), dtype=np.float32)
+
+    dirs["no_model"] = os.path.join(tmp, "no_model")
+    mlflow.pyfunc.save_model(dirs["no_model"], python_model=NoModel(),
+                             signature=kwargs["signature"], input_example=kwargs["input_example"],
+                             pip_requirements=[f"mlflow=={mlflow.__version__}"])
     dirs["plain_pytorch"] = os.path.join(tmp, "plain_pytorch")
     # MLflow's defaults (pt2 serialization, tensor signature from the example); explicit
     # requirements only to skip 10 s of inference at save time (no effect on serving).
@@ -203,6 +215,7 @@ def main() -> None:
                                       ["json", "b64"]),
                 "int8": (models_serve + [dirs["int8"]], ["json", "b64"]),
                 "plain_pytorch": (models_serve + [dirs["plain_pytorch"]], ["json"]),
+                "no_model": (models_serve + [dirs["no_model"]], ["json"]),
             }
 
         for r in range(args.rounds):

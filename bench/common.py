@@ -55,10 +55,10 @@ def untrained_cnn():
     return build_net("cnn").eval()
 
 
-def plain_cnn_epochs(epochs: int, seed: int = 0):
+def plain_cnn_epochs(epochs: int, seed: int = 0, net=None):
     """The project's training recipe as a plain PyTorch loop (same net, data, augmentation,
     AdamW + OneCycle, label smoothing). Yields once per epoch, after its training pass:
-    (net, validation loader)."""
+    (net, validation loader). `net`: another untrained net to train the same way."""
     import torch
     import torch.nn.functional as F
 
@@ -70,7 +70,7 @@ def plain_cnn_epochs(epochs: int, seed: int = 0):
     dm = FashionMNISTDataModule(str(data.default_data_dir()), batch_size=32, seed=seed)
     dm.setup()
     train = dm.train_dataloader()
-    net = build_net("cnn")
+    net = build_net("cnn") if net is None else net
     opt = torch.optim.AdamW(net.parameters(), lr=0.005, weight_decay=0.0001)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.005, total_steps=epochs * len(train))
     for _ in range(epochs):

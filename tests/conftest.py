@@ -31,6 +31,11 @@ VENV_BIN = str(Path(sys.executable).parent)
 # `mlflow run` and `mlflow models serve` exec `python`/`uvicorn` by name: the venv leads PATH.
 os.environ["PATH"] = VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# One OpenMP thread per torch process. The suite runs two workers, and many tests run
+# processes side by side (two chains, DDP ranks, tune workers, servers under load); torch's
+# default of one thread per core then oversubscribes the cores, and OpenMP's spinning threads
+# made two 2-thread trainings on 2 cores 5x slower per epoch than two 1-thread ones (BENCHMARKS.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 BACKENDS = ("sqlite", "postgresql")

@@ -253,17 +253,7 @@ def open_study(cfg: TuneConfig, storage: str,
                 "data_digest": data.dataset_digest(cfg.data_dir), "objective": OBJECTIVE}
     n_before = 0
     if existing:
-        study = optuna.load_study(study_name=cfg.study_name, storage=rdb)
-        differ = {k: (study.user_attrs.get(k), settings[k]) for k in _STUDY_SETTINGS
-                  if study.user_attrs.get(k) != settings[k]}
-        if differ:
-            detail = ", ".join(f"{k}: study has {old!r}, this run asks {new!r}"
-                               for k, (old, new) in differ.items())
-            raise UserError(
-                f"Study {cfg.study_name!r} in {storage} was run with other settings ({detail}); "
-                "its trials would not be comparable. Use the same settings to continue it, or "
-                "a new study_name.")
-        n_before = len(study.trials)
+        n_before = len(optuna.load_study(study_name=cfg.study_name, storage=rdb).trials)
     # A sampler seeded the same on every invocation would replay the first run's random
     # start-up trials: offsetting by the trials already there keeps a continuation new, and
     # by the worker keeps workers started at the same moment from drawing the same ones.
@@ -271,9 +261,22 @@ def open_study(cfg: TuneConfig, storage: str,
     study = optuna.create_study(
         storage=rdb, study_name=cfg.study_name, direction="minimize", sampler=sampler,
         pruner=pruner or make_pruner(cfg.pruner, cfg.epochs), load_if_exists=True)
-    if not existing:
-        for key, value in settings.items():
+    # Record what is not recorded yet, then compare what the study holds: a worker started at
+    # the same moment may have created the study and be writing its settings one by one.
+    recorded = study.user_attrs
+    for key, value in settings.items():
+        if recorded.get(key) is None:
             study.set_user_attr(key, value)
+    recorded = study.user_attrs
+    differ = {k: (recorded.get(k), settings[k]) for k in _STUDY_SETTINGS
+              if recorded.get(k) != settings[k]}
+    if differ:
+        detail = ", ".join(f"{k}: study has {old!r}, this run asks {new!r}"
+                           for k, (old, new) in differ.items())
+        raise UserError(
+            f"Study {cfg.study_name!r} in {storage} was run with other settings ({detail}); "
+            "its trials would not be comparable. Use the same settings to continue it, or "
+            "a new study_name.")
     return study
 
 

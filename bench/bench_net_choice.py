@@ -1,0 +1,143 @@
+"""Is there a cheaper net with the same accuracy? Candidates beside today's `cnn` (issue 12).
+
+    PATH=.venv/bin:$PATH python bench/bench_net_choice.py [--epochs 15] [--seeds 0 1 2]
+        [--seconds 2] [--rounds 2] [--candidates cnn stem16 ...]
+
+Each candidate is the `cnn` layout (conv blocks, 2x2 max-pool, conv blocks, 2x2 max-pool, 3x3
+pooled head) with other widths or fewer 28x28 convs. Each is trained with the project's recipe
+(`common.plain_cnn_epochs`: AdamW + OneCycle, flips + shifts, label smoothing) for `--epochs`
+on the bundled sample, once per seed. Per candidate and seed: held-out accuracy of eager, and
+the int8 and float TorchScript deployables exactly as `publish` builds them
+(`export.convert_and_check`), with their parity. Speed: in-process batch-64 images/s of each
+deployable, interleaved rounds over all candidates (medians), on the first seed's nets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from common import images_per_second, plain_cnn_epochs, save
+from lightcycle.lifecycle import export
+from lightcycle.model import data
+from lightcycle.model.nets import CNN, NUM_CLASSES, Normalize, _conv_block
+
+warnings.simplefilter("ignore")
+
+
+class CandidateCNN(nn.Module):
+    """`cnn`'s layout, with `stage1`/`stage2` channels and convs per stage as given."""
+
+    def __init__(self, stage1: int, stage2: int, stage1_convs: int = 2, stage2_convs: int = 2,
+                 dropout: float = 0.25) -> None:
+        super().__init__()
+        self.normalize = Normalize()
+        layers: list[nn.Module] = []
+        channels = 1
+        for width, convs in ((stage1, stage1_convs), (stage2, stage2_convs)):
+            for _ in range(convs):
+                layers.append(_conv_block(channels, width))
+                channels = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(channels * 9, NUM_CLASSES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(self.normalize(x)))
+
+
+CANDIDATES = {
+    "cnn": CNN,  # today's default: 32,32 @28x28 then 64,64 @14x14
+    "stem16": lambda: CandidateCNN(16, 64),  # half the 28x28 channels
+    "one28": lambda: CandidateCNN(32, 64, stage1_convs=1),  # one 28x28 conv
+    "one28_16": lambda: CandidateCNN(16, 64, stage1_convs=1),
+    "narrow": lambda: CandidateCNN(24, 48),
+}
+
+
+def multiply_adds(net: nn.Module) -> int:
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += output[0].numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1] // module.groups
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in net.modules()]
+    with torch.no_grad():
+        net.eval()(torch.zeros(1, 1, 28, 28))
+    for h in handles:
+        h.remove()
+    return total
+
+
+def train(name: str, epochs: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    net = CANDIDATES[name]()
+    for net, _ in plain_cnn_epochs(epochs, seed, net=net):
+        pass
+    return net.eval()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
+    args = parser.parse_args()
+    data_dir = str(data.default_data_dir())
+    x = torch.from_numpy(data.load_split(data_dir, "test").images[:64]).unsqueeze(1).float()
+
+    results, deployables = {}, {}
+    for name in args.candidates:
+        rows = []
+        for seed in args.seeds:
+            start = time.perf_counter()
+            net = train(name, args.epochs, seed)
+            train_s = time.perf_counter() - start
+            int8 = export.convert_and_check(net, "quantize", data_dir)
+            fp32 = export.convert_and_check(net, "script", data_dir)
+            rows.append({"seed": seed, "train_s": round(train_s, 1),
+                         "eager_accuracy": round(int8.eager_accuracy, 4),
+                         "int8_parity_ok": int8.parity.ok,
+                         "int8_accuracy_change": round(-int8.parity.accuracy_drop, 4),
+                         "int8_agreement": round(int8.parity.agreement, 4),
+                         "int8_synthetic_agreement": round(int8.parity.synthetic_agreement, 4),
+                         "script_parity_ok": fp32.parity.ok})
+            print(name, rows[-1], flush=True)
+            if seed == args.seeds[0]:
+                deployables[name] = {"int8": int8.module, "torchscript": fp32.module}
+        results[name] = {
+            "multiply_adds": multiply_adds(CANDIDATES[name]()),
+            "eager_accuracy_mean": round(statistics.mean(r["eager_accuracy"] for r in rows), 4),
+            "eager_accuracy_by_seed": [r["eager_accuracy"] for r in rows],
+            "int8_parity_ok_seeds": sum(r["int8_parity_ok"] for r in rows),
+            "seeds": rows,
+        }
+
+    speeds: dict[tuple[str, str], list[float]] = {}
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for name, modules in deployables.items():
+                for kind, module in modules.items():
+                    speeds.setdefault((name, kind), []).append(
+                        images_per_second(module, x, args.seconds))
+    for (name, kind), values in speeds.items():
+        results[name][f"{kind}_batch64_images_per_s"] = round(statistics.median(values))
+        print(name, kind, round(statistics.median(values)), flush=True)
+    save("net_choice", {"epochs": args.epochs, "seeds": args.seeds, "seconds": args.seconds,
+                        "rounds": args.rounds, "candidates": results})
+
+
+if __name__ == "__main__":
+    main()
