@@ -9,7 +9,9 @@
 #                            MLmodel file, e.g. one mounted with -v /path/to/model:/models/x:ro.
 #   MLFLOW_TRACKING_URI    the tracking server that holds the registry (http://host:5000).
 #   PORT                   default 8080.      HOST   default 0.0.0.0.
-#   MLFLOW_MODELS_WORKERS  uvicorn workers, default 1 (measure before raising it).
+#   MLFLOW_MODELS_WORKERS  uvicorn workers, default 1 (measure before raising it); with more,
+#                            each gets cores / workers torch threads unless
+#                            LIGHTCYCLE_TORCH_THREADS or OMP_NUM_THREADS is set.
 # Extra arguments are passed on to `mlflow models serve` (e.g. -t 30 for the request timeout).
 #
 # Loading a model runs its code, so only the registry or a directory you name are accepted
@@ -55,6 +57,13 @@ case "$model_uri" in
 esac
 case "$port" in ''|*[!0-9]*) fail "PORT=$port is not a port number." ;; esac
 case "$workers" in ''|*[!0-9]*|0) fail "MLFLOW_MODELS_WORKERS=$workers is not a positive integer." ;; esac
+
+# Several workers share the cores (as `mlflow run . -e serve` does): torch would start one
+# thread per core in each, and oversubscribed OpenMP threads spin.
+if [ "$workers" -gt 1 ] && [ -z "${LIGHTCYCLE_TORCH_THREADS:-}" ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
+    share=$(( $(nproc) / workers ))
+    export LIGHTCYCLE_TORCH_THREADS=$(( share > 0 ? share : 1 ))
+fi
 
 echo "lightcycle-serve: serving $model_uri on http://$host:$port (/ping, /invocations)," \
     "$workers worker(s)" >&2

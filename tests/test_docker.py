@@ -213,13 +213,20 @@ def test_entrypoint_refuses_bad_settings_before_starting(env, needle):
 def test_entrypoint_serves_a_local_model_dir_and_stops_on_sigterm(served_model, tmp_path):
     port = free_port()
     log = tmp_path / "entrypoint.log"
-    env = _entrypoint_env(MODEL_URI=str(served_model["dir"]), PORT=str(port), HOST="127.0.0.1")
+    env = _entrypoint_env(MODEL_URI=str(served_model["dir"]), PORT=str(port), HOST="127.0.0.1",
+                          MLFLOW_MODELS_WORKERS="2")
+    env.pop("OMP_NUM_THREADS", None)  # as in a container nobody tuned
     proc = subprocess.Popen(["bash", str(ENTRYPOINT)], env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(url + "/ping", proc, timeout=120, log=log)
         _check_predictions(_invoke(url, served_model["pixels"]), served_model)
+        # Two workers share the cores: each gets half of them as torch threads.
+        server = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
+        environ = dict(item.split("=", 1) for item in
+                       Path(f"/proc/{server}/environ").read_bytes().decode().split("\0") if "=" in item)
+        assert environ["LIGHTCYCLE_TORCH_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
         # SIGTERM to the entry point alone (as `docker stop` does to PID 1): uvicorn drains
         # and exits, the mlflow CLI follows with status 0, nothing keeps the port.
         proc.send_signal(signal.SIGTERM)
@@ -264,7 +271,11 @@ def engine(request):
         pytest.skip(f"No container engine answers ({unreachable[:200]}) and there is no "
                     f"{ENGINE_TOOL} to start one: the image build/run tests need Docker or podman.")
     started = time.monotonic()
-    result = subprocess.run([str(ENGINE_TOOL), "up"], capture_output=True, text=True, timeout=900)
+    # From "/": the API service it may start keeps this directory as its own, and once a
+    # clone or worktree it ran from was deleted, every container start failed with
+    # "write child: broken pipe".
+    result = subprocess.run([str(ENGINE_TOOL), "up"], capture_output=True, text=True, timeout=900,
+                            cwd="/")
     assert result.returncode == 0, f"{ENGINE_TOOL} up failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     match = re.search(r"^export DOCKER_HOST=(\S+)\s*$", result.stdout, re.M)
     assert match, f"no `export DOCKER_HOST=...` in the output of {ENGINE_TOOL} up:\n{result.stdout[-2000:]}"
@@ -356,6 +367,20 @@ print(json.dumps({
 """
 
 
+def _start_container(engine, image_id: str, **kwargs):
+    """`docker run -d`, removing the container if it does not start (a failed `run` leaves it
+    behind, Created)."""
+    container = engine.containers.create(
+        image_id, name=f"lightcycle-serve-test-{uuid.uuid4().hex[:8]}", **kwargs)
+    try:
+        container.start()
+        container.reload()
+    except BaseException:
+        container.remove(force=True)
+        raise
+    return container
+
+
 @pytest.mark.slow
 def test_container_serves_a_mounted_model(engine, image, served_model, request):
     """Run as a user would: model directory mounted read-only, port published on 127.0.0.1."""
@@ -365,8 +390,8 @@ def test_container_serves_a_mounted_model(engine, image, served_model, request):
     assert not [e for e in config.get("Env") or [] if re.search(r"CERT|TOKEN|PASSWORD|SECRET", e.split("=")[0])]
 
     port = free_port()
-    container = engine.containers.run(
-        image["image"].id, detach=True, name=f"lightcycle-serve-test-{uuid.uuid4().hex[:8]}",
+    container = _start_container(
+        engine, image["image"].id,
         environment={"MODEL_URI": "/models/champion"},
         volumes={str(served_model["dir"]): {"bind": "/models/champion", "mode": "ro"}},
         ports={"8080/tcp": ("127.0.0.1", port)},
@@ -424,8 +449,8 @@ def test_container_serves_the_registry_champion(engine, image, served_model, tra
 
     port = free_port()
     # The tracking server listens on the host's 127.0.0.1 only: share the host's network.
-    container = engine.containers.run(
-        image["image"].id, detach=True, name=f"lightcycle-serve-test-{uuid.uuid4().hex[:8]}",
+    container = _start_container(
+        engine, image["image"].id,
         network_mode="host",
         environment={"MODEL_URI": f"models:/{name}@champion", "MLFLOW_TRACKING_URI": tracking_uri,
                      "PORT": str(port), "HOST": "127.0.0.1"},

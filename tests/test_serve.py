@@ -235,6 +235,18 @@ def test_serve_accepts_only_registry_uris_or_local_model_dirs(tmp_path, tracking
         scoring_server.resolve_servable(str(tmp_path))
 
 
+def test_several_workers_share_the_cores_unless_the_user_set_threads():
+    cores = os.cpu_count() or 1
+    two = scoring_server.server_environment(2, {"PATH": "/usr/bin"})
+    assert two["LIGHTCYCLE_TORCH_THREADS"] == str(max(1, cores // 2))
+    assert two["PATH"].endswith(os.pathsep + "/usr/bin")  # this venv's bin/ leads
+    assert "LIGHTCYCLE_TORCH_THREADS" not in scoring_server.server_environment(1, {})
+    for own in ({"LIGHTCYCLE_TORCH_THREADS": "3"}, {"OMP_NUM_THREADS": "3"}):
+        env = scoring_server.server_environment(4, own)
+        assert {k: env[k] for k in own} == own and len(env.keys() & {
+            "LIGHTCYCLE_TORCH_THREADS", "OMP_NUM_THREADS"}) == 1
+
+
 def _write_pngs(directory, images):
     from PIL import Image
 

@@ -222,7 +222,7 @@ def test_a_killed_tune_resumes_its_study_instead_of_starting_over(experiment, tm
                 trials = optuna.load_study(study_name="crash", storage=storage).trials
             except KeyError:  # the study is not created yet
                 trials = []
-            if len(trials) >= 2 and TRIAL_WORKER in trials[1].user_attrs:
+            if len(trials) >= 2 and {TRIAL_WORKER, "mlflow_run_id"} <= trials[1].user_attrs.keys():
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "tune finished before it could be killed"

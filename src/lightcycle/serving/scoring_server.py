@@ -35,11 +35,22 @@ def serve_command(model_uri: str, host: str, port: int, workers: int) -> list[st
             "-h", host, "-p", str(port), "-w", str(workers)]
 
 
+def server_environment(workers: int, environ: dict[str, str]) -> dict[str, str]:
+    """The scoring server's environment. With several workers and no thread setting of the
+    user's, each worker gets an equal share of the cores: torch would start one thread per
+    core in every worker, and oversubscribed OpenMP threads spin (on 2 cores, two 2-thread
+    torch processes ran 5x slower than two 1-thread ones)."""
+    env = dict(environ)
+    # `mlflow models serve` execs uvicorn by name: this interpreter's bin/ must lead PATH.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    if workers > 1 and not {"LIGHTCYCLE_TORCH_THREADS", "OMP_NUM_THREADS"} & env.keys():
+        env["LIGHTCYCLE_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    return env
+
+
 def exec_server(model_uri: str, host: str, port: int, workers: int) -> None:
     resolved = resolve_servable(model_uri)
     cmd = serve_command(resolved, host, port, workers)
-    env = dict(os.environ)
-    # `mlflow models serve` execs uvicorn by name: this interpreter's bin/ must lead PATH.
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env = server_environment(workers, os.environ)
     print(f"serving {model_uri} -> {resolved} on http://{host}:{port}/invocations", flush=True)
     os.execve(cmd[0], cmd, env)
