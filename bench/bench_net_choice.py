@@ -53,10 +53,10 @@ class CandidateCNN(nn.Module):
 
 
 CANDIDATES = {
-    "cnn": CNN,  # today's default: 32,32 @28x28 then 64,64 @14x14
-    "stem16": lambda: CandidateCNN(16, 64),  # half the 28x28 channels
-    "one28": lambda: CandidateCNN(32, 64, stage1_convs=1),  # one 28x28 conv
-    "one28_16": lambda: CandidateCNN(16, 64, stage1_convs=1),
+    "cnn": CNN,  # the default: 16 channels @28x28 (one conv), then 64, 64 @14x14
+    "cnn_before": lambda: CandidateCNN(32, 64),  # the default until 2026-11-26: 32, 32 @28x28
+    "stem16": lambda: CandidateCNN(16, 64),  # two 16-channel convs @28x28
+    "one28": lambda: CandidateCNN(32, 64, stage1_convs=1),  # one 32-channel conv @28x28
     "narrow": lambda: CandidateCNN(24, 48),
 }
 

@@ -1,0 +1,72 @@
+"""Torch processes side by side on one machine: torch's default threads vs a share of the cores.
+
+    PATH=.venv/bin:$PATH python bench/bench_threads.py [--processes 2] [--epochs 3]
+
+Runs `--processes` copies of `steps/train.py` (the `train` step's code, each with its own sqlite
+tracking store) at the same time, first with torch's default intra-op threads (one per core in
+every process), then with OMP_NUM_THREADS = cores / processes. Reports the median epoch time
+(the step's own "epoch k/N ... (s)" line) alone and side by side. This is the situation of
+`make test`'s two workers, of several `tune` workers on one machine and of a multi-worker
+scoring server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import save
+
+ROOT = Path(__file__).resolve().parent.parent
+EPOCH_LINE = re.compile(r"^epoch \d+/\d+ .*\(([\d.]+)s\)$", re.M)
+
+
+def epoch_seconds(processes: int, epochs: int, threads: int | None) -> list[float]:
+    with tempfile.TemporaryDirectory(prefix="bench-threads-") as tmp:
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        env.pop("OMP_NUM_THREADS", None)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        procs = [subprocess.Popen(
+            [sys.executable, str(ROOT / "steps" / "train.py"), "--epochs", str(epochs),
+             "--data_dir", str(ROOT / "data" / "sample")],
+            env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow{i}.db"}, cwd=tmp,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(processes)]
+        outputs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError("\n".join(o[-2000:] for o in outputs))
+    # The first epoch of each process also pays for warm-up: leave it out.
+    return [float(s) for out in outputs for s in EPOCH_LINE.findall(out)[1:]]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    share = max(1, cores // args.processes)
+    figures = {"cores": cores, "processes": args.processes, "epochs": args.epochs}
+    for label, processes, threads in (
+            ("alone_default_threads", 1, None),
+            ("side_by_side_default_threads", args.processes, None),
+            (f"side_by_side_omp_{share}", args.processes, share)):
+        seconds = epoch_seconds(processes, args.epochs, threads)
+        figures[label] = {"median_epoch_s": round(statistics.median(seconds), 2),
+                          "epochs_s": seconds}
+        print(label, figures[label], flush=True)
+    default = figures["side_by_side_default_threads"]["median_epoch_s"]
+    shared = figures[f"side_by_side_omp_{share}"]["median_epoch_s"]
+    figures["default_over_shared"] = round(default / shared, 2)
+    save("threads", figures)
+
+
+if __name__ == "__main__":
+    main()
