@@ -254,8 +254,8 @@ def sample_chain(sqlite_server):
 # other worker idles. Heaviest first, by their measured seconds (BENCHMARKS.md); `make test`
 # passes --no-loadscope-reorder, or xdist would put the groups with the most tests first.
 LONGEST_GROUPS_FIRST = (
-    "test_chain-sqlite", "test_faults", "sample-chain", "test_readme", "test_tune", "faults-auth",
-    "test_chain-postgresql", "test_train", "faults-concurrent-sqlite", "test_postgres-postgresql",
+    "test_chain-sqlite", "sample-chain", "test_faults", "test_readme", "faults-auth", "test_tune",
+    "test_chain-postgresql", "faults-concurrent-sqlite", "test_train", "test_postgres-postgresql",
     "test_docker", "faults-concurrent-postgresql",
 )
 
