@@ -196,6 +196,33 @@ def test_tune_imports_only_what_it_needs():
     assert "optuna" not in loaded("lightcycle.training.train, lightcycle.lifecycle.pipeline")
 
 
+def test_a_trial_run_whose_id_was_never_recorded_is_settled_by_its_tags(experiment, tmp_path):
+    """The moment the killed-tune test below cannot aim at: a worker created the trial's MLflow
+    run and died before recording its id in the trial. The next tune on this machine finds the
+    run by its tags and fails it with the trial; another worker's running trial is left alone."""
+    import socket
+    import subprocess
+
+    from lightcycle.training import tune
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid now names no process
+    study = optuna.create_study(study_name="window", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    client = MlflowClient()
+    orphans = {}
+    for worker in (f"{socket.gethostname()}:{gone.pid}", tune._this_process()):
+        trial = study.ask()
+        trial.set_user_attr(tune.TRIAL_WORKER, worker)
+        orphans[worker] = client.create_run(experiment, tags=tune.trial_run_tags(trial, "window"))
+    with mlflow.start_run():  # the next tune's parent run
+        tune.fail_dead_local_trials(study)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING]
+    dead_run, live_run = (client.get_run(r.info.run_id) for r in orphans.values())
+    assert dead_run.info.status == "FAILED" and dead_run.data.tags[tune.TAG_TRIAL_STATE] == "FAIL"
+    assert live_run.info.status == "RUNNING"
+
+
 @pytest.mark.slow
 def test_a_killed_tune_resumes_its_study_instead_of_starting_over(experiment, tmp_path):
     import os

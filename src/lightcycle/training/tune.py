@@ -151,13 +151,9 @@ def make_objective(cfg: TuneConfig, study_name: str):
         params = suggest(trial, cfg.model_choices)
         # Explicit start/end rather than `with`: a pruned trial must end KILLED, and the
         # context manager would end it (or, once popped, the parent) with its own status.
-        run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True)
-        run_id = run.info.run_id
-        trial.set_user_attr("mlflow_run_id", run_id)
+        run_id = start_trial_run(trial, study_name)
         status = "FAILED"
         try:
-            mlflow.set_tags({TAG_STUDY: study_name, TAG_TRIAL: str(trial.number),
-                             TAG_TRIAL_STATE: "RUNNING"})
             mlflow.log_params({**params, "epochs": cfg.epochs, "seed": cfg.seed,
                                "data_dir": cfg.data_dir, "precision": cfg.precision})
             start = time.perf_counter()
@@ -184,6 +180,21 @@ def make_objective(cfg: TuneConfig, study_name: str):
 # "<host>:<pid>" of the process running a trial: lets a worker on the same machine tell that a
 # RUNNING trial's process is gone, instead of waiting out the heartbeat grace period.
 TRIAL_WORKER = "lightcycle_worker"
+TAG_TRIAL_WORKER = "lightcycle.trial.worker"
+
+
+def trial_run_tags(trial: optuna.Trial, study_name: str) -> dict[str, str]:
+    return {TAG_STUDY: study_name, TAG_TRIAL: str(trial.number), TAG_TRIAL_STATE: "RUNNING",
+            TAG_TRIAL_WORKER: trial.user_attrs.get(TRIAL_WORKER, _this_process())}
+
+
+def start_trial_run(trial: optuna.Trial, study_name: str) -> str:
+    """The trial's nested MLflow run, created with the tags that find it again, then recorded
+    in the trial. A process killed between the two leaves a run that only its tags name."""
+    run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
+                           tags=trial_run_tags(trial, study_name))
+    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+    return run.info.run_id
 
 
 def _this_process() -> str:
@@ -217,15 +228,28 @@ def fail_dead_local_trials(study: optuna.Study) -> None:
 
 
 def _fail_stale_trial_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """A trial whose process died (no heartbeat) is FAIL in Optuna: settle its MLflow run too."""
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if not run_id:
-        return
+    """A trial whose process died (no heartbeat) is FAIL in Optuna: settle its MLflow run too.
+    Without a recorded run id (the process died just after creating the run), the run is
+    looked up by its tags in this tune's experiment."""
     client = MlflowClient()
     try:
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, TAG_TRIAL_STATE, "FAIL")
-            client.set_terminated(run_id, "FAILED")
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        worker = trial.user_attrs.get(TRIAL_WORKER)
+        active = mlflow.active_run()
+        if run_id:
+            run_ids = [run_id]
+        elif worker and active is not None:
+            run_ids = [r.info.run_id for r in client.search_runs(
+                [active.info.experiment_id],
+                f"tags.`{TAG_STUDY}` = '{study.study_name}' and tags.`{TAG_TRIAL}` = "
+                f"'{trial.number}' and tags.`{TAG_TRIAL_WORKER}` = '{worker}' "
+                "and attributes.status = 'RUNNING'")]
+        else:
+            return
+        for run_id in run_ids:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, TAG_TRIAL_STATE, "FAIL")
+                client.set_terminated(run_id, "FAILED")
     except mlflow.exceptions.MlflowException:
         pass
 
