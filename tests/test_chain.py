@@ -204,11 +204,14 @@ def test_cache_takes_newest_match_across_pages(chain, tracking_uri, experiment):
 
 
 @pytest.mark.backends("sqlite")
-def test_promote_gates_on_a_full_size_test_set(chain, tracking_uri, full_size_data):
-    """10,000 test images: more than one request's worth (1,024), so the gate must chunk."""
+def test_promote_gates_on_a_full_size_test_set(chain, tracking_uri, full_size_data, tmp_path):
+    """10,000 test images: more than one request's worth (1,024), so the gate must chunk.
+    The challenger and the champion it loads leave no copy behind in the temp dir."""
     result = check(mlflow_run("promote", {"model_name": chain["deployable"], "min_accuracy": 0.0,
-                                          "data_dir": full_size_data}, chain["experiment"]))
+                                          "data_dir": full_size_data}, chain["experiment"],
+                              env={"TMPDIR": str(tmp_path)}))
     assert "per request" not in result.stderr
+    assert not list(tmp_path.rglob("MLmodel")), "promote left a downloaded model in TMPDIR"
     gate = runs_of(chain["experiment"], "promote", "FINISHED")[0]
     assert gate.data.tags["lightcycle.data_digest"] == data.dataset_digest(full_size_data)
     assert 0.2 < gate.data.metrics["gate_accuracy"] <= 1.0

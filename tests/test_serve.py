@@ -278,9 +278,11 @@ def test_predict_entry_point_writes_and_logs_csv(champion, tracking_uri, experim
     frame = pd.DataFrame(test_images.images.reshape(180, -1)[:40])
     frame.columns = [f"px{i}" for i in range(784)]
     frame.to_parquet(tmp_path / "pixels.parquet")
-    out = tmp_path / "predictions.csv"
+    out, temp = tmp_path / "predictions.csv", tmp_path / "tmp"
+    temp.mkdir()
     check(mlflow_run("predict", {"model_uri": champion, "input": tmp_path / "pixels.parquet",
-                                 "output": out}, experiment))
+                                 "output": out}, experiment, env={"TMPDIR": str(temp)}))
+    assert not list(temp.rglob("MLmodel")), "predict left the downloaded model in TMPDIR"
     table = pd.read_csv(out)
     assert len(table) == 40
     assert {"name", "class_id", "label", "p_bag", "p_ankle_boot"} <= set(table.columns)

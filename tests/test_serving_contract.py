@@ -159,3 +159,41 @@ def test_the_serve_step_refuses_booleans_too(deployable, images, tmp_path):
         assert invoke(f"http://127.0.0.1:{port}", {"inputs": images[:2].tolist()}).ok
     finally:
         stop_process(proc)
+
+
+def test_connections_to_a_uvicorn_bound_socket_get_tcp_nodelay(monkeypatch):
+    """`mlflow models serve -w N` runs `uvicorn --workers N`, whose own listening socket leaves
+    Nagle on for every connection (about 40 ms a keep-alive request; bench_served_ratio.py).
+    The deployable, loaded in a worker, puts TCP_NODELAY back. Checked on a real asyncio server
+    on a socket bound by uvicorn's own `Config.bind_socket`."""
+    import asyncio
+    import asyncio.base_events
+    import socket
+
+    import uvicorn
+
+    from lightcycle.serving import serving_model
+
+    monkeypatch.setattr(asyncio.base_events, "_set_nodelay", asyncio.base_events._set_nodelay)
+    serving_model._keep_tcp_nodelay()
+
+    async def accepted_nodelay() -> int:
+        listener = uvicorn.Config(app=None, host="127.0.0.1", port=0).bind_socket()
+        seen = asyncio.get_running_loop().create_future()
+
+        class Report(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Report, sock=listener)
+        try:
+            _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+            value = await asyncio.wait_for(seen, 10)
+            writer.close()
+            return value
+        finally:
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) == 1

@@ -83,6 +83,25 @@ def test_artifacts_plots_tensorboard_checkpoint(trained, tracking_uri, tmp_path)
     assert local
 
 
+def test_misclassified_figure_shows_each_wrong_image_with_its_labels():
+    from lightcycle.model import reports
+
+    test_images = data.load_split(str(SAMPLE_DIR), "test")
+    predictions = test_images.labels.copy()
+    wrong = [3, 50, 121]
+    predictions[wrong] = (predictions[wrong] + 1) % 10
+    fig = reports.misclassified_figure(test_images, predictions)
+    [ax] = fig.axes
+    captions = [t.get_text() for t in ax.texts]
+    assert captions == [f"{data.CLASS_NAMES[test_images.labels[i]]}\nas "
+                        f"{data.CLASS_NAMES[predictions[i]]}" for i in wrong]
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(ax.images[0].get_array()),
+                                                       (28, 28))
+    for i in wrong:  # each wrong image is in the picture, pixel for pixel
+        assert (windows == test_images.images[i]).all(axis=(2, 3)).any(), i
+    assert fig._suptitle.get_text().startswith("3 misclassified")
+
+
 def test_tensorboard_events_are_readable(trained, tracking_uri, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
+import tempfile
 
 import numpy as np
 
@@ -102,7 +103,22 @@ def log_eager_model(net, name: str = "model", **metadata):
     )
 
 
+# MLflow downloads a model URI into a new temporary directory on each load and never removes it:
+# without a dst_path, every step run would leave a copy of its models in /tmp. Both loaders
+# below read everything into memory, so the download can go as soon as they return.
+
 def load_eager_net(model_uri: str):
     """The plain `nn.Module` behind an eager model URI, in eval mode on the CPU."""
-    net = mlflow_pytorch().load_model(model_uri, map_location="cpu", weights_only=False)
+    with tempfile.TemporaryDirectory(prefix="lightcycle-model-") as download:
+        net = mlflow_pytorch().load_model(model_uri, dst_path=download, map_location="cpu",
+                                          weights_only=False)
     return net.float().eval()
+
+
+def load_pyfunc(model_uri: str):
+    """`mlflow.pyfunc.load_model`, leaving no download behind (deployables load their archive
+    into memory in `load_context`)."""
+    import mlflow.pyfunc
+
+    with tempfile.TemporaryDirectory(prefix="lightcycle-model-") as download:
+        return mlflow.pyfunc.load_model(model_uri, dst_path=download)

@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 from mlflow import MlflowClient
 
-from lightcycle.lifecycle import promotion_lock, registry, tracking
+from lightcycle.lifecycle import model_io, promotion_lock, registry, tracking
 from lightcycle.model import data
 
 MAX_REQUEST = 1024  # the deployable refuses larger batches (serving_model.DEFAULT_MAX_BATCH)
@@ -38,7 +38,7 @@ class GateResult:
 
 def pyfunc_accuracy(model_uri: str, split: data.Split, batch_size: int = MAX_REQUEST) -> float:
     """Accuracy through the served pyfunc, in requests it accepts (at most MAX_REQUEST images)."""
-    model = mlflow.pyfunc.load_model(model_uri)
+    model = model_io.load_pyfunc(model_uri)
     pixels = split.images[:, None].astype(np.float32)
     class_ids = []
     for start in range(0, len(pixels), batch_size):

@@ -28,17 +28,26 @@ def confusion_matrix_figure(confusion: np.ndarray, title: str = "Test confusion 
 
 
 def misclassified_figure(split: Split, predictions: np.ndarray, limit: int = 36):
+    """Up to `limit` misclassified images, 6 per row, each captioned "true / as predicted".
+
+    One image of all tiles on one axes: a grid of 36 axes took about 2.5 s to lay out and draw
+    in every train run, this takes a tenth of that."""
     wrong = np.flatnonzero(predictions != split.labels)[:limit]
     cols = 6
     rows = max(1, int(np.ceil(len(wrong) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8))
-    for ax in np.atleast_1d(axes).ravel():
-        ax.axis("off")
-    for ax, idx in zip(np.atleast_1d(axes).ravel(), wrong):
-        ax.imshow(split.images[idx], cmap="gray_r")
-        ax.set_title(
-            f"{CLASS_NAMES[split.labels[idx]]}\nas {CLASS_NAMES[predictions[idx]]}", fontsize=7
-        )
-    fig.suptitle(f"{len(wrong)} misclassified test images (true / predicted)")
-    fig.tight_layout()
+    tile_w, tile_h = 28 + 12, 28 + 14  # pixels per tile: margins, and room for the caption
+    montage = np.zeros((rows * tile_h, cols * tile_w), dtype=np.uint8)
+    inch = 1.6 / tile_w  # 1.6 inches per tile, as wide as the montage's aspect allows
+    height = rows * tile_h * inch
+    fig = plt.figure(figsize=(cols * tile_w * inch, height + 0.4))
+    ax = fig.add_axes((0, 0, 1, height / (height + 0.4)))
+    for n, idx in enumerate(wrong):
+        top, left = (n // cols) * tile_h + 14, (n % cols) * tile_w + 6
+        montage[top:top + 28, left:left + 28] = split.images[idx]
+        ax.text(left + 14, top - 1.5, f"{CLASS_NAMES[split.labels[idx]]}\n"
+                f"as {CLASS_NAMES[predictions[idx]]}", ha="center", va="bottom", fontsize=7)
+    ax.imshow(montage, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+    ax.axis("off")
+    fig.suptitle(f"{len(wrong)} misclassified test images (true / predicted)", y=0.995,
+                 va="top")
     return fig

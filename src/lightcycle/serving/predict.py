@@ -7,11 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from lightcycle.lifecycle import model_io
 from lightcycle.model.data import CLASS_NAMES
 from lightcycle.model.evaluate import metric_safe
 from lightcycle.serving.inputs import load_images
@@ -20,7 +20,7 @@ from lightcycle.serving.scoring_server import resolve_servable
 
 def batch_predict(model_uri: str, input_path: str | os.PathLike, output_path: str | os.PathLike,
                   batch_size: int = 256) -> pd.DataFrame:
-    model = mlflow.pyfunc.load_model(resolve_servable(model_uri))
+    model = model_io.load_pyfunc(resolve_servable(model_uri))
     names, pixels = load_images(input_path)
     starts = range(0, len(pixels), batch_size)
     parts = []

@@ -17,6 +17,8 @@ wraps the server's parser (`_install_request_parser`) to refuse JSON booleans wh
 list is still there; the same wrapper skips the server's deepcopy of the list (the largest part
 of a batch-64 request). In the serving process `predict` also returns plain records instead of
 a DataFrame: the same JSON, a fraction of the cost. Everywhere else it returns the DataFrame.
+In uvicorn's worker processes it also restores TCP_NODELAY, which `-w N` loses
+(`_keep_tcp_nodelay`).
 """
 
 from __future__ import annotations
@@ -170,6 +172,32 @@ def _install_request_parser() -> None:
     server.infer_and_parse_data = infer_and_parse_data
 
 
+def _keep_tcp_nodelay() -> None:
+    """Give every accepted TCP connection TCP_NODELAY, as a single uvicorn worker does.
+
+    `mlflow models serve -w N` (N > 1) runs `uvicorn --workers N`, which binds the listening
+    socket itself with `proto` 0. Accepted sockets inherit that, and asyncio sets TCP_NODELAY
+    only where `proto == IPPROTO_TCP`, so Nagle's algorithm stays on and each keep-alive
+    response waits for the client's delayed ACK: about 40 ms a request on Linux (uvicorn issue
+    3149; bench/bench_served_ratio.py measures it). Idempotent; process-wide, so only called
+    inside the scoring server."""
+    import asyncio.base_events
+    import socket
+
+    original = asyncio.base_events._set_nodelay
+    if getattr(original, "_lightcycle", False):
+        return
+
+    def _set_nodelay(sock):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            original(sock)
+
+    _set_nodelay._lightcycle = True
+    asyncio.base_events._set_nodelay = _set_nodelay
+
+
 def _in_scoring_server() -> bool:
     import os
 
@@ -183,6 +211,7 @@ class DeployedClassifier(PythonModel):
 
     def load_context(self, context):
         import os
+        import sys
 
         import torch
 
@@ -204,6 +233,8 @@ class DeployedClassifier(PythonModel):
             for batch in (1, 1, 1, 64, 64):
                 self.module(torch.zeros(batch, 1, 28, 28))
         _install_request_parser()
+        if "mlflow.pyfunc.scoring_server.app" in sys.modules:  # being imported by uvicorn
+            _keep_tcp_nodelay()
 
     def predict(self, context, model_input, params=None):
         pixels = validate_pixels(model_input, self.max_batch)

@@ -1,0 +1,173 @@
+"""Served / in-process batch-64 images/s of the chain's deployables, each round measured side by
+side so that the machine's drift (2x over a day on this VM) cancels out.
+
+    PATH=.venv/bin:$PATH .venv/bin/python bench/bench_served_ratio.py [--rounds 5] [--seconds 3]
+
+One `cnn` (trained `--train-epochs` by bench/common.py's plain loop) is converted exactly as the
+chain does (export.convert_and_check: `deployable=torchscript` and `deployable=int8`) and saved
+as the chain's pyfunc. Each deployable gets one `mlflow models serve` (1 worker, torch's default
+threads). Each round, per deployable, one after the other:
+  * in process: the archive (`torch.jit.load`), batch 64, `--seconds`;
+  * served, 1 client: sequential base64 batch-64 requests on one keep-alive connection
+    (http.client), `--seconds`: a request waits for the one before, so the server idles while
+    the client builds, sends and reads (about 1 ms of client work per request);
+  * served, 2 clients: two such connections at once, so the server always has a request:
+    the server's own throughput;
+  * in process again; the round's reference is the mean of the two in-process figures.
+Each round also serves the float deployable through lightcycle's `serve` with `--workers 2` (one
+torch thread per worker), with this checkout's wrapper and with the one at `--before-rev`
+(before TCP_NODELAY was restored in uvicorn's workers), 1 and 2 clients.
+Ratios are per round; the medians over rounds are reported. Writes bench/results/served_ratio.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import mlflow.pyfunc
+import torch
+
+from bench_served import b64_body, in_process
+from bench_served import start as start_server
+from common import free_port, save
+from common import stop_process as stop
+from lightcycle.lifecycle import export
+from lightcycle.model import data
+
+warnings.simplefilter("ignore")
+ROOT = Path(__file__).resolve().parent.parent
+GOAL = 0.6
+
+
+def served(port: int, body: bytes, clients: int, seconds: float) -> float:
+    counts = [0] * clients
+    errors: list[str] = []
+
+    def client(i: int, until: float) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            while time.perf_counter() < until:
+                connection.request("POST", "/invocations", body,
+                                   {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                text = response.read()
+                if response.status != 200:
+                    errors.append(f"{response.status}: {text[:200]!r}")
+                    return
+                counts[i] += 1
+        finally:
+            connection.close()
+
+    for i in range(clients):  # warm-up, one connection at a time
+        client(i, time.perf_counter() + 0.5)
+    counts = [0] * clients
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i, start + seconds)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(errors[0])
+    return sum(counts) * 64 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--train-epochs", type=int, default=3)
+    parser.add_argument("--before-rev", default="33aa55c",
+                        help="the revision whose serving_model.py is the workers=2 'before'")
+    args = parser.parse_args()
+
+    from common import plain_cnn_epochs
+
+    for net, _ in plain_cnn_epochs(args.train_epochs):
+        pass
+    net = net.eval()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+           "PYTHONPATH": str(ROOT / "src")}
+    body = b64_body(64)
+    rows: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-served-ratio-") as tmp:
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        archives, servers = {}, {}
+        try:
+            for name, method in (("torchscript", "script"), ("int8", "quantize")):
+                conversion = export.convert_and_check(net, method, data.default_data_dir())
+                archives[name] = os.path.join(tmp, f"{name}.pt")
+                export.save_archive(conversion.module, archives[name])
+                model_dir = os.path.join(tmp, name)
+                mlflow.pyfunc.save_model(model_dir, **export.deployable_model_kwargs(
+                    archives[name], "torchscript"))
+                port = free_port()
+                proc, _ = start_server([os.path.join(bin_dir, "mlflow"), "models", "serve",
+                                        "--env-manager", "local", "-h", "127.0.0.1", "-p",
+                                        str(port), "-m", model_dir], port, env)
+                servers[name] = (proc, port)
+                if name != "torchscript":
+                    continue
+                before_code = os.path.join(tmp, "serving_model_before.py")
+                Path(before_code).write_text(subprocess.run(
+                    ["git", "show", f"{args.before_rev}:src/lightcycle/serving/serving_model.py"],
+                    cwd=ROOT, check=True, capture_output=True, text=True).stdout)
+                kwargs = export.deployable_model_kwargs(archives[name], "torchscript")
+                mlflow.pyfunc.save_model(os.path.join(tmp, "before"),
+                                         **{**kwargs, "python_model": before_code})
+                for label, directory in (("workers2", model_dir),
+                                         ("workers2_before", os.path.join(tmp, "before"))):
+                    port = free_port()
+                    proc, _ = start_server([sys.executable, "steps/serve.py", "--model_uri",
+                                            directory, "--port", str(port), "--workers", "2"],
+                                           port, env)
+                    servers[f"{name}_{label}"] = (proc, port)
+            for r in range(args.rounds):
+                for name, (_, port) in servers.items():
+                    if "workers2" in name:
+                        row = {"served_1_client": round(served(port, body, 1, args.seconds)),
+                               "served_2_clients": round(served(port, body, 2, args.seconds))}
+                        rows.setdefault(name, []).append(row)
+                        print(f"round {r + 1}/{args.rounds} {name}: {row}", file=sys.stderr,
+                              flush=True)
+                        continue
+                    before = in_process(archives[name], 64, args.seconds)
+                    one = served(port, body, 1, args.seconds)
+                    two = served(port, body, 2, args.seconds)
+                    after = in_process(archives[name], 64, args.seconds)
+                    own = (before + after) / 2
+                    row = {"in_process": round(own), "in_process_spread": round(abs(before - after) / own, 3),
+                           "served_1_client": round(one), "served_2_clients": round(two),
+                           "ratio_1_client": round(one / own, 3),
+                           "ratio_2_clients": round(two / own, 3)}
+                    rows.setdefault(name, []).append(row)
+                    print(f"round {r + 1}/{args.rounds} {name}: {row}", file=sys.stderr, flush=True)
+        finally:
+            for proc, _ in servers.values():
+                stop(proc)
+    medians = {name: {k: statistics.median(row[k] for row in got) for k in got[0]}
+               for name, got in rows.items()}
+    own = medians["torchscript"]["in_process"]
+    for name in ("torchscript_workers2", "torchscript_workers2_before"):
+        for clients in ("1_client", "2_clients"):  # against the float deployable's median
+            medians[name][f"ratio_{clients}"] = round(medians[name][f"served_{clients}"] / own, 3)
+    save("served_ratio", {"rounds": args.rounds, "seconds": args.seconds,
+                          "torch_threads_in_process": torch.get_num_threads(),
+                          "load_average_at_end": os.getloadavg(), "goal": GOAL,
+                          "medians": medians, "rounds_detail": rows})
+
+
+if __name__ == "__main__":
+    main()
