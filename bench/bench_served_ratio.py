@@ -14,9 +14,9 @@ threads). Each round, per deployable, one after the other:
   * served, 2 clients: two such connections at once, so the server always has a request:
     the server's own throughput;
   * in process again; the round's reference is the mean of the two in-process figures.
-Each round also serves the float deployable through lightcycle's `serve` with `--workers 2` (one
-torch thread per worker), with this checkout's wrapper and with the one at `--before-rev`
-(before TCP_NODELAY was restored in uvicorn's workers), 1 and 2 clients.
+Each round also serves both deployables through lightcycle's `serve` with `--workers 2` (one
+torch thread per worker), 1 and 2 clients; the float one also with the wrapper at `--before-rev`
+(before TCP_NODELAY was restored in uvicorn's workers).
 Ratios are per round; the medians over rounds are reported. Writes bench/results/served_ratio.json.
 """
 
@@ -119,6 +119,11 @@ def main() -> None:
                                         str(port), "-m", model_dir], port, env)
                 servers[name] = (proc, port)
                 if name != "torchscript":
+                    port = free_port()
+                    proc, _ = start_server([sys.executable, "steps/serve.py", "--model_uri",
+                                            model_dir, "--port", str(port), "--workers", "2"],
+                                           port, env)
+                    servers[f"{name}_workers2"] = (proc, port)
                     continue
                 before_code = os.path.join(tmp, "serving_model_before.py")
                 Path(before_code).write_text(subprocess.run(
@@ -159,9 +164,9 @@ def main() -> None:
                 stop(proc)
     medians = {name: {k: statistics.median(row[k] for row in got) for k in got[0]}
                for name, got in rows.items()}
-    own = medians["torchscript"]["in_process"]
-    for name in ("torchscript_workers2", "torchscript_workers2_before"):
-        for clients in ("1_client", "2_clients"):  # against the float deployable's median
+    for name in ("torchscript_workers2", "torchscript_workers2_before", "int8_workers2"):
+        own = medians[name.split("_")[0]]["in_process"]  # the deployable's median in process
+        for clients in ("1_client", "2_clients"):
             medians[name][f"ratio_{clients}"] = round(medians[name][f"served_{clients}"] / own, 3)
     save("served_ratio", {"rounds": args.rounds, "seconds": args.seconds,
                           "torch_threads_in_process": torch.get_num_threads(),
