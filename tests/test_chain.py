@@ -318,12 +318,18 @@ def test_cache_miss_when_artifacts_were_deleted(tracking_uri, experiment, model_
 
 
 @pytest.mark.backends("sqlite")  # a full re-run; the flag is read before any store call
-def test_force_reruns_everything(chain, tracking_uri):
+def test_force_reruns_everything(chain, tracking_uri, tmp_path):
+    """And a whole chain leaves nothing of its own in the temp dir: no model downloads, no
+    per-step directories (only the one the `mlflow run` CLI itself makes, and torch's cache)."""
     before = len(runs_of(chain["experiment"], "train"))
     result = check(mlflow_run("main", {"epochs": 1, "model_name": chain["name"], "min_accuracy": 0.2,
-                                       "force": "true"}, chain["experiment"]))
+                                       "force": "true"}, chain["experiment"],
+                              env={"TMPDIR": str(tmp_path)}))
     assert "reusing" not in result.stdout
     assert len(runs_of(chain["experiment"], "train")) == before + 1
+    assert not list(tmp_path.rglob("MLmodel")), "a step left a downloaded model in TMPDIR"
+    left = [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor_")]
+    assert len(left) <= 1 and not any(list(tmp_path.joinpath(name).iterdir()) for name in left), left
 
 
 def test_lineage_prints_the_whole_chain(chain, tracking_uri):

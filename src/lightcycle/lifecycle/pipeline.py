@@ -9,6 +9,7 @@ When a finished step run may stand in for running the step again: see step_cache
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -87,18 +88,22 @@ class Pipeline:
         print(f"[main] {entry_point}: starting", flush=True)
         # Inside the active `main` run, MLflow creates the step run as its child and logs the
         # parameters exactly as passed: the strings the cache compares.
-        try:
-            submitted = start_entry_point(self.project_uri, entry_point, params, experiment_id)
-        except mlflow.projects.ExecutionException as exc:
-            raise StepFailed(f"Step {entry_point} could not start: {exc}") from exc
-        run_id = submitted.run_id
-        mlflow.set_tag(f"lightcycle.step.{entry_point}", run_id)
-        try:
-            succeeded = submitted.wait()
-        except BaseException:
-            submitted.cancel()
-            self._terminate(run_id, "KILLED")
-            raise
+        # MLflow makes a directory per project run for `path` parameters (lightcycle has none)
+        # and never removes it: one stays behind in /tmp per step, unless it is made in ours.
+        with tempfile.TemporaryDirectory(prefix="lightcycle-step-") as storage_dir:
+            try:
+                submitted = start_entry_point(self.project_uri, entry_point, params,
+                                              experiment_id, storage_dir)
+            except mlflow.projects.ExecutionException as exc:
+                raise StepFailed(f"Step {entry_point} could not start: {exc}") from exc
+            run_id = submitted.run_id
+            mlflow.set_tag(f"lightcycle.step.{entry_point}", run_id)
+            try:
+                succeeded = submitted.wait()
+            except BaseException:
+                submitted.cancel()
+                self._terminate(run_id, "KILLED")
+                raise
         # A step that died before its own start_run() exited would stay RUNNING: settle it.
         self._terminate(run_id, "FINISHED" if succeeded else "FAILED")
         if not succeeded:
@@ -118,7 +123,8 @@ class Pipeline:
 
 
 def start_entry_point(project_uri: str, entry_point: str, params: dict[str, str],
-                      experiment_id: str) -> "mlflow.projects.SubmittedRun":
+                      experiment_id: str, storage_dir: str | None = None,
+                      ) -> "mlflow.projects.SubmittedRun":
     """Start `mlflow run <project> -e <entry_point> --env-manager local` without waiting for it.
 
     `mlflow.projects.run(synchronous=False)` would start the step through a second `mlflow run`
@@ -131,7 +137,7 @@ def start_entry_point(project_uri: str, entry_point: str, params: dict[str, str]
 
     return _run(uri=project_uri, experiment_id=experiment_id, entry_point=entry_point,
                 version=None, parameters=params, docker_args=None, backend_name="local",
-                backend_config={}, env_manager="local", storage_dir=None, synchronous=True,
+                backend_config={}, env_manager="local", storage_dir=storage_dir, synchronous=True,
                 run_name=None, build_image=False, docker_auth=None)
 
 
