@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import sys
 import tempfile
 
@@ -117,8 +118,11 @@ def load_eager_net(model_uri: str):
 
 def load_pyfunc(model_uri: str):
     """`mlflow.pyfunc.load_model`, leaving no download behind (deployables load their archive
-    into memory in `load_context`)."""
+    into memory in `load_context`). A local model directory is loaded where it is: MLflow
+    copies nothing for one."""
     import mlflow.pyfunc
 
+    if os.path.isdir(model_uri):
+        return mlflow.pyfunc.load_model(model_uri)
     with tempfile.TemporaryDirectory(prefix="lightcycle-model-") as download:
         return mlflow.pyfunc.load_model(model_uri, dst_path=download)

@@ -30,8 +30,8 @@ def confusion_matrix_figure(confusion: np.ndarray, title: str = "Test confusion 
 def misclassified_figure(split: Split, predictions: np.ndarray, limit: int = 36):
     """Up to `limit` misclassified images, 6 per row, each captioned "true / as predicted".
 
-    One image of all tiles on one axes: a grid of 36 axes took about 2.5 s to lay out and draw
-    in every train run, this takes a tenth of that."""
+    One image of all tiles on one axes: a grid of 36 axes took 1.3 s to lay out and draw in
+    every train run, this takes 0.2 s (BENCHMARKS.md)."""
     wrong = np.flatnonzero(predictions != split.labels)[:limit]
     cols = 6
     rows = max(1, int(np.ceil(len(wrong) / cols)))
