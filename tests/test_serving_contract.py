@@ -149,6 +149,20 @@ def test_in_process_predict_still_returns_the_table(deployable, images):
         mlflow.pyfunc.load_model(str(deployable)).predict([[[[1.0] * 27 + [True]] * 28]])
 
 
+def test_a_local_model_directory_loads_and_nothing_is_left_in_the_temp_dir(
+        deployable, images, tmp_path, monkeypatch):
+    """`predict` and `promote` load through model_io.load_pyfunc: registry models through a
+    temporary download that goes away (tests/test_chain.py), a local directory where it is."""
+    import tempfile
+
+    from lightcycle.lifecycle import model_io
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    table = model_io.load_pyfunc(str(deployable)).predict(images[:3, None].astype(np.float32))
+    assert len(table) == 3 and (deployable / "MLmodel").exists()
+    assert not list(tmp_path.iterdir()), "load_pyfunc left something in the temp dir"
+
+
 def test_the_serve_step_refuses_booleans_too(deployable, images, tmp_path):
     port = free_port()
     proc = _serve([sys.executable, "steps/serve.py", "--model_uri", str(deployable),
