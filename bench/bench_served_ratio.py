@@ -105,58 +105,52 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-served-ratio-") as tmp:
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         archives, servers = {}, {}
+
+        def serve(name: str, command_on) -> None:
+            port = free_port()
+            servers[name] = (start_server(command_on(port), port, env)[0], port)
+
+        def serve_two_workers(name: str, model_dir: str) -> None:
+            serve(name, lambda port: [sys.executable, "steps/serve.py", "--model_uri", model_dir,
+                                      "--port", str(port), "--workers", "2"])
+
         try:
             for name, method in (("torchscript", "script"), ("int8", "quantize")):
                 conversion = export.convert_and_check(net, method, data.default_data_dir())
                 archives[name] = os.path.join(tmp, f"{name}.pt")
                 export.save_archive(conversion.module, archives[name])
                 model_dir = os.path.join(tmp, name)
-                mlflow.pyfunc.save_model(model_dir, **export.deployable_model_kwargs(
-                    archives[name], "torchscript"))
-                port = free_port()
-                proc, _ = start_server([os.path.join(bin_dir, "mlflow"), "models", "serve",
-                                        "--env-manager", "local", "-h", "127.0.0.1", "-p",
-                                        str(port), "-m", model_dir], port, env)
-                servers[name] = (proc, port)
-                if name != "torchscript":
-                    port = free_port()
-                    proc, _ = start_server([sys.executable, "steps/serve.py", "--model_uri",
-                                            model_dir, "--port", str(port), "--workers", "2"],
-                                           port, env)
-                    servers[f"{name}_workers2"] = (proc, port)
-                    continue
-                before_code = os.path.join(tmp, "serving_model_before.py")
-                Path(before_code).write_text(subprocess.run(
-                    ["git", "show", f"{args.before_rev}:src/lightcycle/serving/serving_model.py"],
-                    cwd=ROOT, check=True, capture_output=True, text=True).stdout)
                 kwargs = export.deployable_model_kwargs(archives[name], "torchscript")
-                mlflow.pyfunc.save_model(os.path.join(tmp, "before"),
-                                         **{**kwargs, "python_model": before_code})
-                for label, directory in (("workers2", model_dir),
-                                         ("workers2_before", os.path.join(tmp, "before"))):
-                    port = free_port()
-                    proc, _ = start_server([sys.executable, "steps/serve.py", "--model_uri",
-                                            directory, "--port", str(port), "--workers", "2"],
-                                           port, env)
-                    servers[f"{name}_{label}"] = (proc, port)
+                mlflow.pyfunc.save_model(model_dir, **kwargs)
+                serve(name, lambda port: [os.path.join(bin_dir, "mlflow"), "models", "serve",
+                                          "--env-manager", "local", "-h", "127.0.0.1", "-p",
+                                          str(port), "-m", model_dir])
+                serve_two_workers(f"{name}_workers2", model_dir)
+                if name == "torchscript":  # and with the wrapper from before the fix
+                    before_code = os.path.join(tmp, "serving_model_before.py")
+                    Path(before_code).write_text(subprocess.run(
+                        ["git", "show",
+                         f"{args.before_rev}:src/lightcycle/serving/serving_model.py"],
+                        cwd=ROOT, check=True, capture_output=True, text=True).stdout)
+                    before_dir = os.path.join(tmp, "before")
+                    mlflow.pyfunc.save_model(before_dir, **{**kwargs, "python_model": before_code})
+                    serve_two_workers(f"{name}_workers2_before", before_dir)
             for r in range(args.rounds):
                 for name, (_, port) in servers.items():
                     if "workers2" in name:
                         row = {"served_1_client": round(served(port, body, 1, args.seconds)),
                                "served_2_clients": round(served(port, body, 2, args.seconds))}
-                        rows.setdefault(name, []).append(row)
-                        print(f"round {r + 1}/{args.rounds} {name}: {row}", file=sys.stderr,
-                              flush=True)
-                        continue
-                    before = in_process(archives[name], 64, args.seconds)
-                    one = served(port, body, 1, args.seconds)
-                    two = served(port, body, 2, args.seconds)
-                    after = in_process(archives[name], 64, args.seconds)
-                    own = (before + after) / 2
-                    row = {"in_process": round(own), "in_process_spread": round(abs(before - after) / own, 3),
-                           "served_1_client": round(one), "served_2_clients": round(two),
-                           "ratio_1_client": round(one / own, 3),
-                           "ratio_2_clients": round(two / own, 3)}
+                    else:
+                        before = in_process(archives[name], 64, args.seconds)
+                        one = served(port, body, 1, args.seconds)
+                        two = served(port, body, 2, args.seconds)
+                        after = in_process(archives[name], 64, args.seconds)
+                        own = (before + after) / 2
+                        row = {"in_process": round(own),
+                               "in_process_spread": round(abs(before - after) / own, 3),
+                               "served_1_client": round(one), "served_2_clients": round(two),
+                               "ratio_1_client": round(one / own, 3),
+                               "ratio_2_clients": round(two / own, 3)}
                     rows.setdefault(name, []).append(row)
                     print(f"round {r + 1}/{args.rounds} {name}: {row}", file=sys.stderr, flush=True)
         finally:
