@@ -49,4 +49,4 @@ demo: venv
 	$(BIN)/python -m lightcycle.operations.demo
 
 clean:
-	rm -rf $(VENV) mlflow.db optuna.db mlartifacts lightning_logs
+	rm -rf $(VENV) mlflow.db optuna.db mlruns mlartifacts lightning_logs

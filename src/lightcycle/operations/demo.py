@@ -1,4 +1,5 @@
-"""`make demo`: the whole chain, offline, on the bundled sample, with the default sqlite store."""
+"""`make demo`: the whole chain on the bundled sample, with the default sqlite store; it needs
+no network once the venv is built."""
 
 from __future__ import annotations
 

@@ -136,7 +136,7 @@ def serve(state: Path, host: str, port: int, backend: str, auth: bool, workers: 
         if host not in ("127.0.0.1", "localhost", "::1"):
             print(f"[server] listening on {host}: mlflow accepts only Host headers it knows "
                   "(--allowed-hosts); put TLS in front before anyone else can reach it "
-                  "(README: Running for a team)", flush=True)
+                  "(docs/operations.md: Production setup)", flush=True)
         print("[server] Ctrl-C stops it", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
