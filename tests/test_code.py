@@ -84,8 +84,8 @@ def test_saving_and_loading_a_plain_net_does_not_import_lightning(tmp_path):
         "import sys\n"
         "from lightcycle.lifecycle import model_io\n"
         "from lightcycle.model.nets import build_net\n"
-        "model_io.mlflow_pytorch().save_model(build_net('cnn'), sys.argv[1],"
-        " serialization_format='pickle', pip_requirements=model_io.torch_requirements())\n"
+        "model_io.save_model(build_net('cnn'), sys.argv[1],"
+        " pip_requirements=model_io.torch_requirements())\n"
         "print(type(model_io.load_eager_net(sys.argv[1])).__name__)\n"
         "print('\\n'.join(sys.modules))\n"
     )

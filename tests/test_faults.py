@@ -174,9 +174,9 @@ def test_killed_train_resumes_from_logged_checkpoint_on_rerun(tracking_uri, expe
     # Only data with the same digest is resumed from.
     cfg = dataclasses.asdict(TrainConfig(epochs=4))
     digest = killed.data.tags["lightcycle.data_digest"]
-    assert resume.find_resumable_checkpoint(experiment, cfg, digest, str(tmp_path)).run_id \
+    assert resume.find_resumable_checkpoint(experiment, cfg, digest, str(tmp_path)).resume.run_id \
         == killed.info.run_id
-    assert resume.find_resumable_checkpoint(experiment, cfg, "0" * 16, str(tmp_path)) is None
+    assert resume.find_resumable_checkpoint(experiment, cfg, "0" * 16, str(tmp_path)).resume is None
     # force=true starts training over: no resume, every epoch trained again.
     forced = check(mlflow_run("main", {**params, "force": "true"}, experiment))
     assert "resuming" not in forced.stdout + forced.stderr

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import pickle
 import sys
 import tempfile
 
 import numpy as np
 
+from lightcycle.errors import UserError
 from lightcycle.model.data import CLASS_NAMES
 
 INPUT_SHAPE = (-1, 1, 28, 28)
@@ -65,40 +67,45 @@ def model_metadata(**extra) -> dict:
             **extra}
 
 
-def mlflow_pytorch():
-    """`mlflow.pytorch`, imported without Lightning.
+# The eager net is logged as an MLflow model of its own flavor: the architecture's name and
+# sizes in MLmodel, the weights as a state_dict. Loading it unpickles nothing but tensors
+# (weights_only=True) and rebuilds the class from lightcycle.model.nets, so a model a tracking
+# server hands back runs no code, and moving a class to another module breaks no version.
+FLAVOR = "lightcycle_net"
+WEIGHTS_FILE = "state_dict.pt"
 
-    The module ends with `try: from ._lightning_autolog import ...` only to export a checkpoint
-    callback for autolog; that import pulls in pytorch_lightning, torchmetrics and torchvision's
-    models (about 8 s per process here). Logging and loading a plain net needs none of it, so
-    while mlflow.pytorch is first imported, `pytorch_lightning` is marked absent and the optional
-    import fails fast. A process that has already imported Lightning (train) is left as it is.
-    """
-    if "mlflow.pytorch" not in sys.modules and "pytorch_lightning" not in sys.modules:
-        sys.modules["pytorch_lightning"] = None  # makes `import pytorch_lightning` raise ImportError
-        try:
-            import mlflow.pytorch  # noqa: F401
-        finally:
-            del sys.modules["pytorch_lightning"]
-    import mlflow.pytorch
 
-    return mlflow.pytorch
+def save_model(net, path: str, mlflow_model=None, signature=None, pip_requirements=()):
+    """Write `net` as an MLflow model directory (also the flavor hook `Model.log` calls)."""
+    import torch
+    from mlflow.models import Model
+
+    from lightcycle.model.nets import spec_of
+
+    mlflow_model = mlflow_model or Model()
+    os.makedirs(path, exist_ok=True)
+    torch.save(net.state_dict(), os.path.join(path, WEIGHTS_FILE))
+    if signature is not None:
+        mlflow_model.signature = signature
+    mlflow_model.add_flavor(FLAVOR, net=spec_of(net), weights=WEIGHTS_FILE,
+                            torch_version=package_version("torch"))
+    with open(os.path.join(path, "requirements.txt"), "w") as f:
+        f.write("".join(f"{r}\n" for r in pip_requirements))
+    mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
 def log_eager_model(net, name: str = "model", **metadata):
-    """Log the trained plain net as float32 (even after bf16 training), with a signature.
+    """Log the trained plain net as float32 (even after bf16 training), with a signature."""
+    from mlflow.models import Model
 
-    Pickle format keeps the `nn.Module` itself, which the conversion step scripts; torch.export's
-    pt2 would hand back a graph module that `torch.jit.script` cannot take. Unpickling needs
-    `lightcycle` importable (this project's venv, or `pip install -e .`).
-    """
     net = net.float().cpu().eval()
-    return mlflow_pytorch().log_model(
-        net,
+    return Model.log(
         name=name,
-        serialization_format="pickle",
+        artifact_path=None,
+        flavor=sys.modules[__name__],
+        flavor_name=FLAVOR,
+        net=net,
         signature=logits_signature(),
-        input_example=input_example(),
         pip_requirements=torch_requirements(with_torchvision=True),
         metadata=model_metadata(**metadata),
     )
@@ -110,9 +117,35 @@ def log_eager_model(net, name: str = "model", **metadata):
 
 def load_eager_net(model_uri: str):
     """The plain `nn.Module` behind an eager model URI, in eval mode on the CPU."""
+    import mlflow.artifacts
+    import torch
+    from mlflow.models import Model
+
+    from lightcycle.model.nets import from_spec
+
     with tempfile.TemporaryDirectory(prefix="lightcycle-model-") as download:
-        net = mlflow_pytorch().load_model(model_uri, dst_path=download, map_location="cpu",
-                                          weights_only=False)
+        local = model_uri if os.path.isdir(model_uri) else mlflow.artifacts.download_artifacts(
+            artifact_uri=model_uri, dst_path=download)
+        flavors = Model.load(local).flavors
+        if FLAVOR not in flavors:
+            raise UserError(
+                f"Refusing to load {model_uri}: it was logged as a pickled nn.Module "
+                f"(flavors: {', '.join(flavors)}), and unpickling a model from the tracking "
+                "server would run whatever code it holds. Re-register it from weights: train "
+                "it again (`mlflow run . -e train`), then `mlflow run . -e register -P "
+                "run_id=<the new run>`; or run `mlflow run .` for the whole chain.")
+        conf = flavors[FLAVOR]
+        net = from_spec(conf["net"])
+        try:
+            state = torch.load(os.path.join(local, conf["weights"]), map_location="cpu",
+                               weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UserError(
+                f"Refusing to load {model_uri}: its {conf['weights']} is not a plain state_dict "
+                f"and loading it would run code ({type(exc).__name__}). Re-register it from a "
+                "run you trust: `mlflow run . -e train`, then `mlflow run . -e register -P "
+                "run_id=<the new run>`.") from None
+    net.load_state_dict(state)
     return net.float().eval()
 
 

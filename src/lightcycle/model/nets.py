@@ -122,3 +122,27 @@ def example_input(batch: int = 2) -> torch.Tensor:
     """A raw-pixel batch in the nets' input contract (float32, 0-255, (N, 1, 28, 28))."""
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (batch, 1, 28, 28), generator=generator).float()
+
+
+def spec_of(net: nn.Module) -> dict[str, object]:
+    """What `from_spec` needs to rebuild `net`'s architecture: a name and its sizes, read from
+    the layers themselves. Saved beside the weights, so loading a logged net runs no pickle and
+    does not depend on the module path its class had."""
+    if isinstance(net, CNN):
+        return {"name": "cnn", "width": net.head[-1].in_features // 18, "dropout": net.head[2].p}
+    if isinstance(net, MLP):
+        linears = [m for m in net.layers if isinstance(m, nn.Linear)]
+        dropouts = [m.p for m in net.layers if isinstance(m, nn.Dropout)]
+        return {"name": "mlp", "width": linears[0].out_features if len(linears) > 1 else 256,
+                "depth": len(linears) - 1, "dropout": dropouts[0] if dropouts else 0.2}
+    if isinstance(net, ResNet18):
+        return {"name": "resnet18"}
+    raise TypeError(f"{type(net).__name__} is not one of lightcycle's nets ({', '.join(NET_NAMES)}).")
+
+
+def from_spec(spec: dict[str, object]) -> nn.Module:
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    classes = {"cnn": CNN, "mlp": MLP, "resnet18": ResNet18}
+    if spec.get("name") not in classes:
+        raise ValueError(f"Unknown net {spec.get('name')!r}: choose one of {', '.join(NET_NAMES)}.")
+    return classes[str(spec["name"])](**kwargs)

@@ -37,26 +37,41 @@ def train(cfg: TrainConfig) -> str | None:
             # Other ranks train and nothing else: one run, one model, metrics from rank 0.
             # They resume from the checkpoint rank 0 chose, or their weights and epoch
             # counters would part from rank 0's.
-            resume = _find_resume(cfg, data.dataset_digest(cfg.data_dir), log_dir)
-            _announce(resume, cfg, trainer.global_rank)
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
+            search = _find_resume(cfg, data.dataset_digest(cfg.data_dir), log_dir)
+            _announce(search, cfg, trainer.global_rank)
+            _fit(trainer, module, datamodule, search)
             return None
         return _train_and_log(cfg, trainer, module, datamodule, log_dir)
 
 
-def _find_resume(cfg: TrainConfig, digest: str, log_dir: str) -> resuming.Resume | None:
+def _find_resume(cfg: TrainConfig, digest: str, log_dir: str) -> resuming.Search:
     if not cfg.resume:
-        return None
+        return resuming.Search()
     from mlflow.tracking.fluent import _get_experiment_id
 
     return resuming.find_resumable_checkpoint(_get_experiment_id(), dataclasses.asdict(cfg),
                                               digest, log_dir)
 
 
-def _announce(resume: resuming.Resume | None, cfg: TrainConfig, rank: int) -> None:
+def _announce(search: resuming.Search, cfg: TrainConfig, rank: int) -> None:
+    resume = search.resume
     if resume is not None:
         print(f"rank {rank}: resuming from run {resume.run_id}: checkpoint {resume.artifact} "
               f"(epoch {resume.epoch + 1} of {cfg.epochs} done)", flush=True)
+    if rank == 0:
+        lines = search.report() if cfg.resume else ["resume: off (resume=false): starting fresh"]
+        for line in lines:
+            print(line, flush=True)
+
+
+def _fit(trainer, module, datamodule, search: resuming.Search) -> None:
+    # weights_only: Lightning's own default for a local checkpoint is False (it would unpickle
+    # anything); the file came from the tracking server, so only plain weights are loaded.
+    import torch
+
+    with torch.serialization.safe_globals(resuming.CHECKPOINT_SAFE_GLOBALS):
+        trainer.fit(module, datamodule=datamodule,
+                    ckpt_path=search.resume.path if search.resume else None, weights_only=True)
 
 
 def _train_and_log(cfg, trainer, module, datamodule, log_dir) -> str:
@@ -82,15 +97,16 @@ def _train_and_log(cfg, trainer, module, datamodule, log_dir) -> str:
         _log_dataset(train_split, cfg.data_dir, "training", digest)
         _log_dataset(test_split, cfg.data_dir, "testing", digest)
 
-        resume = _find_resume(cfg, digest, log_dir)
+        search = _find_resume(cfg, digest, log_dir)
+        resume = search.resume
         resuming.share_choice(resume)
         if resume is not None:
             mlflow.set_tags({resuming.TAG_RESUMED_FROM: resume.run_id,
                              resuming.TAG_RESUMED_EPOCH: str(resume.epoch),
                              resuming.TAG_RESUMED_CHECKPOINT: resume.artifact})
-        _announce(resume, cfg, trainer.global_rank)
+        _announce(search, cfg, trainer.global_rank)
         start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
+        _fit(trainer, module, datamodule, search)
         mlflow.log_metric("fit_seconds", time.perf_counter() - start)
 
         net = module.net.float().cpu().eval()
