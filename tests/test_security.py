@@ -155,3 +155,120 @@ def test_resume_searches_past_the_newest_fifty_and_says_what_it_skipped(tracking
     assert none.resume is None
     assert none.report() == ["resume: starting fresh: no earlier FAILED or KILLED train run has "
                              "these settings, data and code"]
+
+
+# --- 6. secrets never reach tracking or stdout -------------------------------------------------
+
+def test_redact_url_hides_passwords_and_nothing_else():
+    assert tracking.redact_url("postgresql+psycopg2://optuna:s3cr%2Ft@db:5432/optuna") == \
+        "postgresql+psycopg2://optuna:***@db:5432/optuna"
+    assert tracking.redact_url("mysql://u:p@h/db?password=x&charset=utf8") == \
+        "mysql://u:***@h/db?password=***&charset=utf8"
+    for plain in ("sqlite:////tmp/optuna.db", "postgresql://optuna@127.0.0.1:5433/optuna",
+                  "http://127.0.0.1:5000", "not a url"):
+        assert tracking.redact_url(plain) == plain
+
+
+def _everything_logged(experiment: str) -> str:
+    client = MlflowClient()
+    runs = client.search_runs([experiment], max_results=1000)
+    return "\n".join(f"{r.data.params}\n{r.data.tags}" for r in runs)
+
+
+@pytest.mark.slow
+def test_tune_never_logs_or_prints_the_storage_password(postgresql_cluster, tracking_uri,
+                                                        experiment, capfd, monkeypatch):
+    import mlflow
+
+    from lightcycle.training import tune
+
+    postgresql_cluster.create_database("optuna_secret")
+    password = postgresql_cluster.role_password("optuna_secret")
+    url = postgresql_cluster.uri("optuna_secret").replace("optuna_secret@",
+                                                          f"optuna_secret:{password}@")
+    monkeypatch.delenv("PGPASSFILE", raising=False)  # the URL's password is what logs in
+    monkeypatch.setenv("LIGHTCYCLE_TEST_STORAGE", url)
+    for i, storage in enumerate((url, "env:LIGHTCYCLE_TEST_STORAGE")):
+        with mlflow.start_run():
+            tune.tune(tune.TuneConfig(n_trials=i + 1, epochs=1, models="mlp", study_name="secret",
+                                      optuna_storage=storage, data_dir=str(SAMPLE_DIR)))
+    out = capfd.readouterr()
+    assert "optuna_secret:***@127.0.0.1" in out.out  # it says where the study is...
+    logged = _everything_logged(experiment)
+    assert "optuna_secret:***@127.0.0.1" in logged
+    assert "env:LIGHTCYCLE_TEST_STORAGE" in logged
+    assert password not in out.out + out.err + logged  # ...never with the password
+
+
+# --- 7. `make server`: private files, one sqlite writer, the app's own database password -------
+
+def _argvs():
+    for entry in Path("/proc").iterdir():
+        try:
+            yield (entry / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+
+
+@pytest.mark.slow
+def test_team_server_state_is_private_and_sqlite_has_one_writer(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import free_port, stop_process, wait_for_http
+
+    state, port = tmp_path / "state", free_port()
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lightcycle.operations.tracking_server", "--dir", str(state),
+         "--port", str(port), "--backend", "sqlite", "--auth", "--workers", "2"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/health", proc, timeout=180, log=log)
+        auth = ("admin", (state / "admin-password").read_text().strip())
+        client_env = {"MLFLOW_TRACKING_USERNAME": auth[0], "MLFLOW_TRACKING_PASSWORD": auth[1]}
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in client_env.items():
+                mp.setenv(key, value)
+            client = MlflowClient(url)
+            run = client.create_run(client.create_experiment("private"))
+            (tmp_path / "a.txt").write_text("artifact")
+            client.log_artifact(run.info.run_id, str(tmp_path / "a.txt"), "sub")
+        server_argv = next(argv for argv in _argvs() if "--backend-store-uri" in argv
+                           and str(state / "mlflow.db") in " ".join(argv))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        stop_process(proc)
+    text = log.read_text()
+    assert "[server] sqlite store: 1 worker, not 2" in text
+    assert server_argv[server_argv.index("--workers") + 1] == "1"
+    paths = [state, *state.rglob("*")]
+    names = {p.relative_to(state).as_posix() for p in paths if p != state}
+    assert {"mlflow.db", "basic_auth.db", "admin-password", "basic_auth.ini",
+            "flask-secret-key", "artifacts"} <= names
+    assert any(n.endswith("sub/a.txt") for n in names)
+    wrong = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in paths
+             if (p.stat().st_mode & 0o777) != (0o700 if p.is_dir() else 0o600)}
+    assert not wrong, wrong
+
+
+@pytest.mark.slow
+def test_postgres_application_role_has_its_own_generated_password(postgresql_cluster):
+    import psycopg2
+
+    postgresql_cluster.create_database("approle")
+    own = postgresql_cluster.role_password("approle")
+    assert own and own != postgresql_cluster.password()
+
+    def connect(password):
+        return psycopg2.connect(host="127.0.0.1", port=postgresql_cluster.port, user="approle",
+                                password=password, dbname="approle", connect_timeout=10)
+
+    connect(own).close()
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        connect(postgresql_cluster.password())
+    postgresql_cluster.create_database("approle")  # again: same role, same password
+    assert postgresql_cluster.role_password("approle") == own

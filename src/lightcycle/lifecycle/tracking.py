@@ -69,6 +69,31 @@ def canonical_param(value: object, like: object) -> str:
     return text
 
 
+_SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "key", "sslpassword")
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (user:PASSWORD@host, or a password-like query argument)
+    replaced by ***: what may be logged, tagged or printed. Anything else is left as is."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc, query = parts.netloc, parts.query
+    userinfo, _, hostport = netloc.rpartition("@")
+    if ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(any(s in k.lower() for s in _SECRET_QUERY_KEYS) for k, _ in pairs):
+        query = urlencode([(k, "***" if any(s in k.lower() for s in _SECRET_QUERY_KEYS) else v)
+                           for k, v in pairs], safe="*/:")
+    if not parts.scheme or (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing secret: exactly as given (urlunsplit would rewrite sqlite:////)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 def step_tags(entry_point: str) -> dict[str, str]:
     tags = {TAG_ENTRY_POINT: entry_point, TAG_CODE_VERSION: code_version()}
     commit = git_commit()

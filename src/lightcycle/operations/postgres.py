@@ -169,24 +169,42 @@ class PostgresCluster:
         return psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres",
                                 password=self.password(), dbname=dbname, connect_timeout=10)
 
+    def role_password(self, name: str) -> str | None:
+        """The password pgpass holds for role `name` on its own database, or None."""
+        prefix = f"127.0.0.1:*:{name}:{name}:"
+        for line in self.pgpass.read_text().splitlines():
+            if line.startswith(prefix):
+                return line.removeprefix(prefix)
+        return None
+
     def create_database(self, name: str) -> None:
-        """A role and a database, both called `name`; the role shares the pgpass password."""
+        """A role and a database, both called `name`. The role has a password of its own,
+        generated here and kept in pgpass only: the application never holds the superuser's.
+        A role from an older version that shared the superuser's password gets its own now."""
+        password = self.role_password(name)
+        fresh = password is None or password == self.password()
+        if fresh:
+            password = secrets.token_urlsafe(24)
         conn = self.connect()
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
                 cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
                 if cur.fetchone() is None:
-                    cur.execute(f'CREATE ROLE "{name}" LOGIN PASSWORD %s', (self.password(),))
+                    cur.execute(f'CREATE ROLE "{name}" LOGIN PASSWORD %s', (password,))
+                elif fresh:
+                    cur.execute(f'ALTER ROLE "{name}" PASSWORD %s', (password,))
                 cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
                 if cur.fetchone() is None:
                     cur.execute(f'CREATE DATABASE "{name}" OWNER "{name}"')
         finally:
             conn.close()
-        line = f"127.0.0.1:*:{name}:{name}:{self.password()}"
-        if line not in self.pgpass.read_text().splitlines():
-            with self.pgpass.open("a") as out:
-                out.write(line + "\n")
+        if fresh:
+            prefix = f"127.0.0.1:*:{name}:{name}:"
+            lines = [line for line in self.pgpass.read_text().splitlines()
+                     if not line.startswith(prefix)]
+            self.pgpass.write_text("".join(f"{line}\n" for line in [*lines, prefix + password]))
+            self.pgpass.chmod(0o600)
 
     def uri(self, dbname: str) -> str:
         """SQLAlchemy URI without the password: libpq reads it from PGPASSFILE (env()).

@@ -74,6 +74,32 @@ def _auth_env(state: Path) -> dict[str, str]:
             "MLFLOW_FLASK_SERVER_SECRET_KEY": _secret(state / "flask-secret-key")}
 
 
+def _close(state: Path) -> None:
+    """0700 for `state` and the directories under it, 0600 for its files, as left by an
+    earlier start under a wider umask. The PostgreSQL cluster keeps its own (initdb's) modes."""
+    state.chmod(0o700)
+    for root, dirs, files in os.walk(state):
+        if Path(root) == state and "postgres" in dirs:
+            dirs.remove("postgres")
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o700)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o600)
+
+
+def _let_cluster_owner_traverse(state: Path) -> None:
+    """As root, the cluster runs as the `postgres` user, who must pass through `state` to
+    reach state/postgres: group `postgres` may traverse it (0710), never list or read it."""
+    if os.geteuid() != 0:
+        return
+    import grp
+
+    from lightcycle.operations.postgres import PG_USER
+
+    os.chown(state, 0, grp.getgrnam(PG_USER).gr_gid)
+    state.chmod(0o710)
+
+
 def serve(state: Path, host: str, port: int, backend: str, auth: bool, workers: int,
           pg_port: int = 5433) -> int:
     if auth:
@@ -84,7 +110,10 @@ def serve(state: Path, host: str, port: int, backend: str, auth: bool, workers: 
                             "`pip install -r requirements.txt`.") from None
     state = state.resolve()
     state.mkdir(parents=True, exist_ok=True)
-    state.chmod(0o755)  # the postgres user must traverse it to reach its cluster
+    # Everything this server and MLflow write here is ours alone (the sqlite store, the
+    # password hashes in basic_auth.db, secrets, artifacts): files 0600, directories 0700.
+    os.umask(0o077)
+    _close(state)
     # MLflow's job runner (eight huey processes) runs GenAI jobs lightcycle never submits;
     # MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true in the environment turns it back on.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
@@ -99,6 +128,7 @@ def serve(state: Path, host: str, port: int, backend: str, auth: bool, workers: 
             print(f"[server] note: {state / 'mlflow.db'} (an earlier sqlite store) is not used; "
                   "pass --backend sqlite to serve it", flush=True)
     if backend == "postgresql":
+        _let_cluster_owner_traverse(state)
         cluster = PostgresCluster(state / "postgres", pg_port, pgpass=state / "pgpass")
         if cluster.pid() is not None:
             raise UserError(f"The cluster in {cluster.data} is already running (postmaster pid "
@@ -113,6 +143,12 @@ def serve(state: Path, host: str, port: int, backend: str, auth: bool, workers: 
         env.update(cluster.env())
     else:
         backend_uri = f"sqlite:///{state / 'mlflow.db'}"
+        if workers != 1:
+            # sqlite takes one writer at a time; two server processes writing at once get
+            # "database is locked" as soon as two runs log together.
+            print(f"[server] sqlite store: 1 worker, not {workers} (sqlite has a single "
+                  "writer; use PostgreSQL for more)", flush=True)
+            workers = 1
     if auth:
         env.update(_auth_env(state))
     url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -170,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--backend", choices=["auto", "postgresql", "sqlite"], default="auto")
     parser.add_argument("--auth", action="store_true", help="mlflow's basic-auth app")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="server processes (a sqlite store always runs 1)")
     parser.add_argument("--pg-port", type=int, default=5433,
                         help="PostgreSQL's port on 127.0.0.1 (5433 leaves a system 5432 alone)")
     args = parser.parse_args(argv)

@@ -20,7 +20,6 @@ import os
 import socket
 import time
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +44,8 @@ TAG_STUDY = "lightcycle.study_name"
 TAG_STORAGE = "lightcycle.optuna_storage"
 TAG_TRIAL = "lightcycle.trial.number"
 TAG_TRIAL_STATE = "lightcycle.trial.state"
+TAG_WORKER_INDEX = "lightcycle.tune.worker_index"
+TAG_SAMPLER_SEED = "lightcycle.tune.sampler_seed"
 
 PRUNERS = ("median", "hyperband", "none")
 
@@ -114,7 +115,19 @@ def default_storage(tracking_uri: str) -> str:
     return f"sqlite:///{base / 'lightcycle' / 'optuna.db'}"
 
 
+ENV_PREFIX = "env:"
+
+
 def storage_url(value: str, tracking_uri: str) -> str:
+    """The Optuna storage URL `value` names. `env:NAME` reads it from environment variable
+    NAME, so a URL with a password never becomes a parameter: `mlflow run` logs every -P value
+    as one, readable by everyone with READ on the experiment."""
+    if value.startswith(ENV_PREFIX):
+        name = value.removeprefix(ENV_PREFIX)
+        if not os.environ.get(name):
+            raise UserError(f"optuna_storage={value}: environment variable {name} is not set. "
+                            f"Set it to the storage URL (export {name}=postgresql://...).")
+        value = os.environ[name]
     if value == defaults.AUTO:
         value = default_storage(tracking_uri)
     elif "://" not in value:
@@ -264,9 +277,10 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 
 
 def open_study(cfg: TuneConfig, storage: str,
-               pruner: optuna.pruners.BasePruner | None = None, worker: str = "") -> optuna.Study:
-    """Create or continue the study. `worker` (the tune run's id) keeps the samplers of
-    workers that share a study apart."""
+               pruner: optuna.pruners.BasePruner | None = None,
+               worker_index: int = 0) -> optuna.Study:
+    """Create or continue the study. `worker_index` (0 for the first of several workers that
+    share a study, see worker_index) keeps their samplers apart."""
     with warnings.catch_warnings():
         # Optuna flags heartbeats as experimental; they are what turns the trial of a
         # crashed process into FAIL instead of leaving it RUNNING forever.
@@ -278,10 +292,14 @@ def open_study(cfg: TuneConfig, storage: str,
     n_before = 0
     if existing:
         n_before = len(optuna.load_study(study_name=cfg.study_name, storage=rdb).trials)
-    # A sampler seeded the same on every invocation would replay the first run's random
-    # start-up trials: offsetting by the trials already there keeps a continuation new, and
-    # by the worker keeps workers started at the same moment from drawing the same ones.
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed + n_before + zlib.crc32(worker.encode()))
+    # `seed` decides the trials: a fresh study's first worker samples with `seed` itself. A
+    # sampler seeded the same on every invocation would replay the first run's random start-up
+    # trials, so a continuation is offset by the trials already there, and each further worker
+    # by its index (never by anything random, such as a run id).
+    seed = cfg.seed + n_before + worker_index
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({TAG_WORKER_INDEX: str(worker_index), TAG_SAMPLER_SEED: str(seed)})
     study = optuna.create_study(
         storage=rdb, study_name=cfg.study_name, direction="minimize", sampler=sampler,
         pruner=pruner or make_pruner(cfg.pruner, cfg.epochs), load_if_exists=True)
@@ -298,10 +316,25 @@ def open_study(cfg: TuneConfig, storage: str,
         detail = ", ".join(f"{k}: study has {old!r}, this run asks {new!r}"
                            for k, (old, new) in differ.items())
         raise UserError(
-            f"Study {cfg.study_name!r} in {storage} was run with other settings ({detail}); "
+            f"Study {cfg.study_name!r} in {tracking.redact_url(storage)} was run with other "
+            f"settings ({detail}); "
             "its trials would not be comparable. Use the same settings to continue it, or "
             "a new study_name.")
     return study
+
+
+def worker_index(parent, study_name: str) -> int:
+    """This tune run's place among the tune runs of `study_name` running now in its
+    experiment, by start time: 0 for a lone worker, 1, 2, ... for the ones started after it."""
+    runs = MlflowClient().search_runs(
+        [parent.info.experiment_id],
+        f"tags.`{TAG_STUDY}` = '{study_name}' and attributes.status = 'RUNNING' "
+        f"and tags.`{tracking.TAG_ENTRY_POINT}` = 'tune'",
+        max_results=1000)
+    order = sorted((r.info.start_time, r.info.run_id) for r in runs
+                   if TAG_TRIAL not in r.data.tags)
+    ids = [run_id for _, run_id in order]
+    return ids.index(parent.info.run_id) if parent.info.run_id in ids else len(ids)
 
 
 def _rdb_storage(storage: str) -> optuna.storages.RDBStorage:
@@ -363,13 +396,17 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> op
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("tune needs an active MLflow run (the parent of the trial runs)")
-    study = open_study(cfg, storage, pruner, worker=parent.info.run_id)
-    mlflow.set_tags({TAG_STUDY: cfg.study_name, TAG_STORAGE: storage})
+    shown = tracking.redact_url(storage)
+    mlflow.set_tags({TAG_STUDY: cfg.study_name, TAG_STORAGE: shown})
+    index = worker_index(parent, cfg.study_name)
+    study = open_study(cfg, storage, pruner, index)
     fail_dead_local_trials(study)
-    tracking.log_params_once({k: v for k, v in dataclasses.asdict(cfg).items()})
+    _warn_if_logged_secret(parent.info.run_id, cfg.optuna_storage)
+    tracking.log_params_once({**dataclasses.asdict(cfg),
+                              "optuna_storage": tracking.redact_url(cfg.optuna_storage)})
 
     remaining = cfg.n_trials - len(finished(study))
-    print(f"[tune] study {cfg.study_name!r} in {storage}: {len(finished(study))} finished "
+    print(f"[tune] study {cfg.study_name!r} in {shown}: {len(finished(study))} finished "
           f"trial(s); running up to {max(remaining, 0)} more", flush=True)
     if remaining > 0:
         # The cap is the study's, read from the shared storage after every trial, so several
@@ -395,6 +432,19 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> op
                            parent.info.run_id, timeout=24 * 3600, stale_after=math.inf):
             _train_best(cfg, best)
     return study
+
+
+def _warn_if_logged_secret(run_id: str, value: str) -> None:
+    """`mlflow run` logged the -P values before this code ran; a password among them can only
+    be reported (MLflow cannot change or delete a param), never repeated."""
+    if tracking.redact_url(value) == value:
+        return
+    logged = MlflowClient().get_run(run_id).data.params.get("optuna_storage")
+    if logged is not None and tracking.redact_url(logged) != logged:
+        print(f"[tune] warning: optuna_storage holds a password, and run {run_id} has it as a "
+              "parameter that every user with READ can see: change that password, and pass the "
+              "URL as optuna_storage=env:NAME, or keep the password in ~/.pgpass (PGPASSFILE).",
+              flush=True)
 
 
 def _train_best(cfg: TuneConfig, best: optuna.trial.FrozenTrial) -> None:
