@@ -6,6 +6,7 @@ import os
 import time
 
 from lightcycle.errors import UserError
+from lightcycle.lifecycle import tracking
 
 # MLflow's own client retries every request (connection refused, 408/429/5xx) with exponential
 # backoff: sleep = factor * 2**(n-1), first retry immediate. Its defaults (7 retries, factor 2)
@@ -37,86 +38,103 @@ def check_tracking_server(timeout: float = 10.0) -> str:
     """Fail at once, with a message that says what to do, when an HTTP tracking server is
     unreachable or refuses our credentials (instead of a retried, minutes-long traceback).
 
+    Requests go through MLflow's own client (mlflow.utils.rest_utils.http_request with the
+    credentials of mlflow.utils.credentials.get_default_host_creds), so this check sees what
+    every later request of the step sees: MLFLOW_TRACKING_USERNAME/_PASSWORD or
+    ~/.mlflow/credentials, MLFLOW_TRACKING_TOKEN, client certificates, the CA bundle, the
+    insecure-TLS flag, MLFLOW_TRACKING_AUTH plugins and SigV4.
+
     A step whose run already exists on the server rides out a restart first (see
     RESTART_GRACE_SECONDS)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return uri
-    import requests
-
-    base = uri.rstrip("/")
+    shown = tracking.redact_url(uri)
+    creds = host_creds(uri)
     grace = RESTART_GRACE_SECONDS if os.environ.get("MLFLOW_RUN_ID") else 0.0
     deadline, announced = time.monotonic() + grace, False
     while True:
         try:
-            response = requests.get(base + "/health", timeout=timeout, verify=_tls_verify())
+            response = _request(creds, "/health", "GET", timeout)
             break
-        except requests.RequestException as exc:
+        except MlflowException as exc:
             if time.monotonic() >= deadline:
+                cause = type(exc.__cause__ or exc.__context__ or exc).__name__
                 raise UserError(
-                    f"Cannot reach the MLflow tracking server at {uri} ({type(exc).__name__})"
+                    f"Cannot reach the MLflow tracking server at {shown} ({cause})"
                     + (f" for {grace:.0f} s" if grace else "") + ". Start it, or set "
                     "MLFLOW_TRACKING_URI to a server this machine can reach."
                 ) from None
             if not announced:
-                print(f"tracking server at {uri} is not answering; it created this run moments "
-                      f"ago, so waiting up to {grace:.0f} s for it to come back", flush=True)
+                print(f"tracking server at {shown} is not answering; it created this run "
+                      f"moments ago, so waiting up to {grace:.0f} s for it to come back",
+                      flush=True)
                 announced = True
             time.sleep(0.5)
     if response.status_code >= 500:
         raise UserError(
-            f"The MLflow tracking server at {uri} answered /health with "
+            f"The MLflow tracking server at {shown} answered /health with "
             f"{response.status_code}. Check the server's log."
         )
-    check_credentials(base, timeout)
+    check_credentials(uri, timeout, creds)
     return uri
 
 
-def _tls_verify() -> bool | str:
-    """The TLS settings MLflow's own client honours, so the check sees what the steps see."""
-    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
-        return False
-    return os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+def host_creds(uri: str):
+    """The credentials and TLS settings MLflow's own client uses for `uri`."""
+    from mlflow.utils.credentials import get_default_host_creds
+
+    return get_default_host_creds(uri)
 
 
-def check_credentials(base: str, timeout: float = 10.0) -> None:
+def _request(creds, endpoint: str, method: str, timeout: float, **kwargs):
+    from mlflow.utils.rest_utils import http_request
+
+    # No retries: the caller decides how long to wait, and says why it failed.
+    return http_request(creds, endpoint, method, max_retries=0, timeout=timeout,
+                        raise_on_status=False, **kwargs)
+
+
+CREDENTIALS_HELP = (
+    "Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment, or put "
+    "mlflow_tracking_username and mlflow_tracking_password under [mlflow] in "
+    "~/.mlflow/credentials (or use MLFLOW_TRACKING_TOKEN), never on the command line or in code"
+)
+
+
+def check_credentials(uri: str, timeout: float = 10.0, creds=None) -> None:
     """One authenticated read, so a server with `--app-name basic-auth` fails us here, clearly.
+    Credentials are resolved by MLflow (see check_tracking_server); they are never printed."""
+    from mlflow.exceptions import MlflowException
 
-    Credentials come only from the environment (MLFLOW_TRACKING_USERNAME / _PASSWORD or
-    MLFLOW_TRACKING_TOKEN), as MLflow's own client reads them; they are never printed.
-    """
-    import requests
-
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    auth = (user, password or "") if user else None
+    creds = creds or host_creds(uri)
+    shown = tracking.redact_url(uri)
     try:
-        response = requests.post(base + "/api/2.0/mlflow/experiments/search",
-                                 json={"max_results": 1}, auth=auth, headers=headers,
-                                 timeout=timeout, verify=_tls_verify())
-    except requests.RequestException as exc:
-        raise UserError(f"The MLflow tracking server at {base} stopped answering "
-                        f"({type(exc).__name__}). Check the server's log.") from None
+        response = _request(creds, "/api/2.0/mlflow/experiments/search", "POST", timeout,
+                            json={"max_results": 1})
+    except MlflowException as exc:
+        cause = type(exc.__cause__ or exc.__context__ or exc).__name__
+        raise UserError(f"The MLflow tracking server at {shown} stopped answering "
+                        f"({cause}). Check the server's log.") from None
     if response.status_code == 401:
-        if not (user or token):
-            raise UserError(
-                f"The MLflow tracking server at {base} requires credentials. Set "
-                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment "
-                "(never on the command line or in code)."
-            )
-        who = f"user {user!r}" if user else "the token in MLFLOW_TRACKING_TOKEN"
+        if not (creds.username or creds.token or creds.auth or creds.aws_sigv4
+                or creds.client_cert_path):
+            raise UserError(f"The MLflow tracking server at {shown} requires credentials. "
+                            f"{CREDENTIALS_HELP}.")
+        who = (f"user {creds.username!r}" if creds.username else
+               "the token in MLFLOW_TRACKING_TOKEN" if creds.token else "this client")
         raise UserError(
-            f"The MLflow tracking server at {base} refused the credentials of {who}. Check "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (ask the server's admin)."
+            f"The MLflow tracking server at {shown} refused the credentials of {who}. Check "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or ~/.mlflow/credentials "
+            "(ask the server's admin)."
         )
     if response.status_code == 403:
         raise UserError(
-            f"The MLflow tracking server at {base} denied {user or 'this client'!r} access "
-            "to experiments. Ask the server's admin for READ or EDIT permission."
+            f"The MLflow tracking server at {shown} denied {creds.username or 'this client'!r} "
+            "access to experiments. Ask the server's admin for READ or EDIT permission."
         )
 
 

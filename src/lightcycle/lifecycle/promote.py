@@ -77,12 +77,13 @@ def promote(
     run_id = mlflow.active_run().info.run_id
     # Read champion, compare, move: under the registry-side lock, so two promotes at once
     # cannot both compare against the same old champion and let the later, worse one win.
-    with promotion_lock.promotion_lock(client, model_name, run_id):
-        return _gate(client, model_name, candidate, accuracy, min_accuracy, split, run_id)
+    with promotion_lock.promotion_lock(client, model_name, run_id) as lease:
+        return _gate(client, model_name, candidate, accuracy, min_accuracy, split, run_id, lease)
 
 
 def _gate(client: MlflowClient, model_name: str, candidate: registry.ModelRef, accuracy: float,
-          min_accuracy: float, split: data.Split, run_id: str) -> GateResult:
+          min_accuracy: float, split: data.Split, run_id: str,
+          lease: promotion_lock.Lease) -> GateResult:
     current = registry.alias_version(client, model_name, registry.CHAMPION)
     champion = registry.ModelRef(model_name, current.version) if current else None
     champion_accuracy = None
@@ -112,6 +113,7 @@ def _gate(client: MlflowClient, model_name: str, candidate: registry.ModelRef, a
     for key, value in decision_tags.items():
         client.set_model_version_tag(model_name, candidate.version, key, value)
     if promoted:
+        lease.check()  # fencing: the lock may have been broken while the champion was evaluated
         # `previous` first: if the second call fails, champion still points at a good version.
         if champion:
             client.set_registered_model_alias(model_name, registry.PREVIOUS, champion.version)
