@@ -163,7 +163,9 @@ def test_killed_train_resumes_from_logged_checkpoint_on_rerun(tracking_uri, expe
     # At most the epoch in progress is lost: it starts right after the newest saved checkpoint
     # and trains only the epochs after it.
     assert int(resumed.data.tags["lightcycle.resumed_from_epoch"]) == saved[-1]
-    assert checkpoint_epochs(client, resumed.info.run_id) == list(range(saved[-1] + 1, 4))
+    # Finished, it kept its latest checkpoint and its best, both from the epochs it trained.
+    kept = checkpoint_epochs(client, resumed.info.run_id)
+    assert max(kept) == 3 and min(kept) > saved[-1] and len(kept) <= 2
     assert f"resuming from run {killed.info.run_id}" in rerun.stdout + rerun.stderr
     # Every later step ran once, on the resumed run's model.
     for step in ("register", "torchscript", "promote"):

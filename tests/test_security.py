@@ -66,9 +66,9 @@ def test_planted_checkpoint_is_never_executed_and_train_says_it_starts_fresh(
         tracking_uri, experiment, tmp_path):
     marker = tmp_path / "pwned"
     planted = planted_pickle(tmp_path / "checkpoint.pth", marker)
-    twin = failed_twin(MlflowClient(), experiment, TrainConfig(epochs=1), [(0, planted)])
+    twin = failed_twin(MlflowClient(), experiment, TrainConfig(epochs=3), [(0, planted)])
 
-    result = check(mlflow_run("train", {"epochs": 1}, experiment))
+    result = check(mlflow_run("train", {"epochs": 3}, experiment))
     out = result.stdout + result.stderr
     assert not marker.exists(), "the planted checkpoint ran its command"
     assert f"resume: skipped run {twin} {CHECKPOINT.format(0)}: refused" in out, out[-3000:]
@@ -76,6 +76,21 @@ def test_planted_checkpoint_is_never_executed_and_train_says_it_starts_fresh(
     assert "resume: starting fresh: none of the 1 matching failed run(s)" in out
     finished = runs_of(experiment, "train", "FINISHED")
     assert len(finished) == 1 and resume.TAG_RESUMED_FROM not in finished[0].data.tags
+
+    # 4. Retention: the finished run keeps its latest checkpoint and its best, nothing else.
+    run = finished[0]
+    client = MlflowClient()
+    kept = sorted(int(f.path.rsplit("_", 1)[-1]) for f in client.list_artifacts(run.info.run_id,
+                                                                                "checkpoints"))
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_loss"),
+                                      key=lambda m: m.step)]
+    best = min(range(3), key=lambda e: (losses[e], -e))
+    assert kept == sorted({2, best}), (kept, losses)
+    assert run.data.tags[resume.TAG_BEST_CHECKPOINT] == CHECKPOINT.format(best)
+    assert "checkpoints: kept epoch 3 (latest" in out
+    assert f"removed {3 - len(kept)} older" in out
+    # The planted twin failed: nothing of it was removed.
+    assert [f.path for f in client.list_artifacts(twin, "checkpoints")] == ["checkpoints/epoch_0"]
 
 
 def test_eager_model_is_a_state_dict_and_a_net_spec(tracking_uri, experiment, tmp_path):

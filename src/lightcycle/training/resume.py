@@ -160,6 +160,53 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}"
 
 
+TAG_BEST_CHECKPOINT = "lightcycle.best_checkpoint"
+_MONITOR = "val_loss"  # autolog's checkpoint_monitor in train
+
+
+def prune_checkpoints(run_id: str) -> str:
+    """Once a run has finished, keep its latest checkpoint (what a resume or a fine-tune starts
+    from) and its best by val_loss; remove the others. Autolog keeps a full checkpoint with
+    optimizer state for every epoch: 40 of them for a 40-epoch run. A run that dies is never
+    pruned, so it resumes from its newest checkpoint as before. Returns a line for the log."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    client = MlflowClient()
+    dirs = {int(f.path.rsplit("_", 1)[-1]): f.path
+            for f in client.list_artifacts(run_id, "checkpoints")
+            if f.is_dir and f.path.rsplit("/", 1)[-1].startswith("epoch_")}
+    if not dirs:
+        return "checkpoints: none logged"
+    losses = {}
+    for epoch, path in dirs.items():
+        try:
+            losses[epoch] = float(mlflow.artifacts.load_dict(
+                f"runs:/{run_id}/{path}/checkpoint_metrics.json")[_MONITOR])
+        except Exception:  # noqa: BLE001 - no metrics file or no val_loss: never the best
+            continue
+    latest = max(dirs)
+    best = min(losses, key=lambda e: (losses[e], -e)) if losses else latest
+    run = client.get_run(run_id)
+    filename = run.data.tags.get(_CHECKPOINT_TAG, "checkpoint.pth").rsplit("/", 1)[-1]
+    client.set_tag(run_id, TAG_BEST_CHECKPOINT, f"{dirs[best]}/{filename}")
+    doomed = [e for e in sorted(dirs) if e not in (latest, best)]
+    freed = sum(f.file_size or 0 for e in doomed for f in client.list_artifacts(run_id, dirs[e]))
+    repo = get_artifact_repository(run.info.artifact_uri)
+    try:
+        for epoch in doomed:
+            repo.delete_artifacts(dirs[epoch])
+    except Exception as exc:  # noqa: BLE001 - a store without delete, or no permission to delete
+        return (f"checkpoints: could not remove the older ones ({_short(exc)}); all "
+                f"{len(dirs)} kept")
+    score = f"{_MONITOR} {losses[best]:.4f}" if best in losses else f"no {_MONITOR}"
+    kept = (f"epoch {latest + 1} (latest and best, {score})" if best == latest else
+            f"epoch {latest + 1} (latest) and epoch {best + 1} (best, {score})")
+    return (f"checkpoints: kept {kept}; removed "
+            f"{len(doomed)} older ({freed / 1e6:.1f} MB)")
+
+
 def share_choice(resume: Resume | None) -> None:
     """Rank 0: hand its choice to the rank processes Lightning is about to start."""
     os.environ[ENV_CHOICE] = f"{resume.run_id}:{resume.artifact}" if resume else ""

@@ -121,6 +121,7 @@ def _train_and_log(cfg, trainer, module, datamodule, log_dir) -> str:
         info = model_io.log_eager_model(net, test_accuracy=result.accuracy, data_digest=digest)
         mlflow.set_tags({tracking.TAG_OUTPUT_URI: info.model_uri,
                          tracking.TAG_MODEL_ID: info.model_id})
+        print(resuming.prune_checkpoints(run.info.run_id), flush=True)
         print(f"test_accuracy={result.accuracy:.4f} test_loss={result.loss:.4f}")
         print(f"run_id={run.info.run_id} model_uri={info.model_uri}")
         return run.info.run_id
