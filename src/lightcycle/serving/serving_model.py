@@ -30,6 +30,7 @@ from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
 DEFAULT_MAX_BATCH = 1024
+SMALL_BATCH = 8  # and fewer images: one intra-op thread (DeployedClassifier._forward)
 
 
 class InputError(MlflowException):
@@ -219,6 +220,7 @@ class DeployedClassifier(PythonModel):
         threads = os.environ.get("LIGHTCYCLE_TORCH_THREADS")
         if threads:
             torch.set_num_threads(int(threads))
+        self.threads = torch.get_num_threads()
         if "pt2" in context.artifacts:
             self.module = torch.export.load(context.artifacts["pt2"]).module()
         else:
@@ -227,21 +229,34 @@ class DeployedClassifier(PythonModel):
         config = context.model_config or {}
         self.class_names = list(config.get("class_names", [str(i) for i in range(10)]))
         self.max_batch = int(config.get("max_batch", DEFAULT_MAX_BATCH))
-        # The profiling executor specializes on the first calls; pay for them now, not on the
-        # first real request.
-        with torch.inference_mode():
-            for batch in (1, 1, 1, 64, 64):
-                self.module(torch.zeros(batch, 1, 28, 28))
+        # One call per kind of batch builds oneDNN's kernels before the first request. With
+        # TorchScript's optimizing executor off (`_forward`) nothing else needs warming: it
+        # specialized on the first calls for about 1 s of the server's start, and the archive
+        # is already frozen, so its plan was no faster.
+        for batch in (1, SMALL_BATCH + 1):
+            self._forward(torch.zeros(batch, 1, 28, 28))
         _install_request_parser()
         if "mlflow.pyfunc.scoring_server.app" in sys.modules:  # being imported by uvicorn
             _keep_tcp_nodelay()
 
+    def _forward(self, pixels):
+        """Probabilities for a float32 (N, 1, 28, 28) tensor, in this thread.
+
+        A small batch runs on one intra-op thread: a second one made it no faster, and its
+        OpenMP worker spins after each call on the cores that the server's event loop and
+        the other requests need. The thread count is per calling thread (the scoring server
+        runs each request in a pool thread), so it is set where it differs."""
+        torch = self._torch
+        threads = 1 if len(pixels) <= SMALL_BATCH else self.threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        with torch.inference_mode(), torch.jit.optimized_execution(False):
+            logits = self.module(pixels)
+            return torch.softmax(logits.float(), dim=1).numpy()
+
     def predict(self, context, model_input, params=None):
         pixels = validate_pixels(model_input, self.max_batch)
-        torch = self._torch
-        with torch.inference_mode():
-            logits = self.module(torch.from_numpy(np.ascontiguousarray(pixels)))
-            probabilities = torch.softmax(logits.float(), dim=1).numpy()
+        probabilities = self._forward(self._torch.from_numpy(np.ascontiguousarray(pixels)))
         class_ids = probabilities.argmax(axis=1)
         if _in_scoring_server():
             # The JSON MLflow writes for the DataFrame below, without building it: records.

@@ -1,0 +1,339 @@
+"""The deployable against MLflow's own serving floor: a no-op pyfunc, side by side.
+
+    PATH=.venv/bin:$PATH .venv/bin/python bench/bench_served_floor.py [--rounds 3]
+        [--seconds 3] [--latency-requests 400] [--clients 32] [--train-epochs 3]
+
+The no-op is a models-from-code pyfunc that answers zeros and has no signature: what
+`mlflow models serve` costs before any model does anything. The deployables are the chain's
+(`deployable=torchscript`, the default, and `deployable=int8`), converted as
+bench/bench_served_ratio.py converts them (a `cnn` trained `--train-epochs` by the plain loop of
+bench/common.py). Every server is `mlflow models serve --env-manager local` with the same
+workers (`--workers`, default MLflow's 1) and the caller's environment (torch's default threads
+unless OMP_NUM_THREADS says otherwise).
+
+Each round starts every server afresh (the order reversed every other round) and then measures,
+server after server for each figure in turn:
+  * cold start: process start to the first 200 on /ping;
+  * batch-1 latency: `--latency-requests` sequential `{"inputs": [...]}` JSON requests of one
+    image over one keep-alive connection (http.client), p50 and p99;
+  * base64 batch 64, one client, `--seconds` (deployables): images/s, divided by the same
+    archive's in-process batch-64 images/s measured right before and after in this process;
+  * `--clients` concurrent batch-1 JSON clients for `--seconds`: requests/s and errors.
+Ratios are per round; their medians (and min-max over rounds) are reported against the goals
+of issue 24. Then, in this process, one batch-1 JSON request through MLflow's own
+`scoring_server.invocations` (the function the server runs in its thread for every request) is
+profiled for the no-op and the deployable: time per request by function, each marked as the
+project's code or not, and the rest of a served request (uvicorn, Starlette, asyncio), which is
+the same code for both servers. Writes bench/results/served_floor.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import http.client
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import mlflow.pyfunc
+
+from bench_served import b64_body, in_process, json_body
+from bench_served import start as start_server
+from bench_served_ratio import served as served_images_per_s
+from common import free_port, save
+from common import stop_process as stop
+from lightcycle.lifecycle import export
+from lightcycle.model import data
+
+warnings.simplefilter("ignore")
+ROOT = Path(__file__).resolve().parent.parent
+GOALS = {"batch1_p50_vs_noop": ("<=", 1.15), "cold_start_vs_noop": ("<=", 1.15),
+         "served_b64_batch64_vs_in_process": (">=", 0.6),
+         "concurrent_batch1_requests_vs_noop": (">=", 0.9)}
+NOOP_CODE = '''
+import numpy as np
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+
+class NoOp(PythonModel):
+    def predict(self, context, model_input, params=None):
+        return np.zeros((len(model_input), 10), dtype=np.float32)
+
+
+set_model(NoOp())
+'''
+DEPLOYABLES = (("torchscript", "script"), ("int8", "quantize"))
+HEADERS = {"Content-Type": "application/json"}
+
+
+def server_cpu_s(proc) -> float:
+    """User + system CPU seconds of every process in the server's group (the `mlflow` CLI and
+    uvicorn's processes): robust to the other jobs on the machine, where wall time is not."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == proc.pid:  # fields[2]: the process group
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def post(connection: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
+    connection.request("POST", "/invocations", body, HEADERS)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def latency_ms(port: int, body: bytes, n: int) -> tuple[float, float]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        for _ in range(20):
+            post(connection, body)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            status, text = post(connection, body)
+            times.append((time.perf_counter() - t) * 1000)
+            if status != 200:
+                raise RuntimeError(f"{status}: {text[:200]!r}")
+    finally:
+        connection.close()
+    times.sort()
+    return times[len(times) // 2], times[min(n - 1, int(n * 0.99))]
+
+
+def concurrent(port: int, body: bytes, clients: int, seconds: float) -> tuple[float, int, int]:
+    """`clients` threads, each a keep-alive connection posting `body` in a loop: (requests/s
+    answered 200, errors: any other status or a failed connection, requests answered 200)."""
+    counts, errors = [0] * clients, [0] * clients
+    start = time.perf_counter() + 0.2  # every thread connected before the clock starts
+    until = start + seconds
+
+    def client(i: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            connection.connect()
+            while time.perf_counter() < start:
+                time.sleep(0.005)
+            while time.perf_counter() < until:
+                try:
+                    status, _ = post(connection, body)
+                except (OSError, http.client.HTTPException):
+                    errors[i] += 1
+                    connection.close()
+                    continue
+                if status == 200:
+                    counts[i] += 1
+                else:
+                    errors[i] += 1
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - start), sum(errors), sum(counts)
+
+
+def save_models(tmp: str, net, before_rev: str) -> dict[str, str]:
+    dirs = {}
+    noop_code = Path(tmp) / "noop_model.py"
+    noop_code.write_text(NOOP_CODE)
+    dirs["noop"] = os.path.join(tmp, "noop")
+    mlflow.pyfunc.save_model(dirs["noop"], python_model=str(noop_code),
+                             pip_requirements=[f"mlflow=={mlflow.__version__}"])
+    for name, method in DEPLOYABLES:
+        conversion = export.convert_and_check(net, method, data.default_data_dir())
+        dirs[f"{name}_archive"] = os.path.join(tmp, f"{name}.pt")
+        export.save_archive(conversion.module, dirs[f"{name}_archive"])
+        dirs[name] = os.path.join(tmp, name)
+        mlflow.pyfunc.save_model(dirs[name], **export.deployable_model_kwargs(
+            dirs[f"{name}_archive"], "torchscript"))
+    if before_rev:  # the default deployable with the wrapper as it was at `before_rev`
+        code = Path(tmp) / "serving_model_before.py"
+        code.write_text(subprocess.run(
+            ["git", "show", f"{before_rev}:src/lightcycle/serving/serving_model.py"], cwd=ROOT,
+            check=True, capture_output=True, text=True).stdout)
+        dirs["torchscript_before"] = os.path.join(tmp, "torchscript_before")
+        dirs["torchscript_before_archive"] = dirs["torchscript_archive"]
+        mlflow.pyfunc.save_model(dirs["torchscript_before"], **{**export.deployable_model_kwargs(
+            dirs["torchscript_archive"], "torchscript"), "python_model": str(code)})
+    return dirs
+
+
+def profile_invocations(dirs: dict[str, str], body: bytes, n: int) -> dict:
+    """One batch-1 JSON request through MLflow's `invocations`, in this process, per model:
+    median microseconds per request, and cProfile's own time per function (microseconds per
+    request; `project`: the function is in the deployable's serving_model.py)."""
+    from mlflow.pyfunc import scoring_server
+
+    out = {}
+    for name in ["noop"] + [n for n, _ in DEPLOYABLES]:
+        model = scoring_server.load_model_with_mlflow_config(dirs[name])
+        scoring_server.init(model)
+        schema = model.metadata.get_input_schema()
+
+        def once():
+            result = scoring_server.invocations(body, "application/json", model, schema)
+            assert result.status == 200, result.response[:300]
+
+        for _ in range(50):
+            once()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - t)
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(n):
+            once()
+        profile.disable()
+        stats = pstats.Stats(profile).stats
+        rows = []
+        for (file, line, function), (_, calls, own, _cumulative, _) in stats.items():
+            where = ("project" if file.endswith("serving_model.py")
+                     else "torch" if "/torch/" in file or function.startswith("<built-in method torch")
+                     else "mlflow" if "/mlflow/" in file else "python/numpy/other")
+            rows.append({"function": f"{Path(file).name}:{line}({function})", "where": where,
+                         "us_per_request": round(own / n * 1e6, 1)})
+        rows.sort(key=lambda r: -r["us_per_request"])
+        by_where: dict[str, float] = {}
+        for row in rows:
+            by_where[row["where"]] = round(by_where.get(row["where"], 0) + row["us_per_request"], 1)
+        out[name] = {"median_us": round(statistics.median(times) * 1e6), "profiled_us_by_where":
+                     by_where, "top_functions": [r for r in rows if r["us_per_request"] >= 5][:25]}
+    return out
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--latency-requests", type=int, default=400)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--train-epochs", type=int, default=3,
+                        help="train the cnn this long by the plain loop (0: untrained)")
+    parser.add_argument("--profile-requests", type=int, default=2000)
+    parser.add_argument("--before-rev", default="c33ec22",
+                        help="also serve the default deployable with the wrapper at this "
+                             "revision ('' to skip): before and after in the same run")
+    args = parser.parse_args()
+
+    from common import plain_cnn_epochs, untrained_cnn
+
+    net = untrained_cnn()
+    if args.train_epochs:
+        for net, _ in plain_cnn_epochs(args.train_epochs):
+            pass
+    net = net.eval()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+           "PYTHONPATH": str(ROOT / "src")}
+    one_json, many_b64 = json_body(1), b64_body(64)
+    names = ["noop"] + [name for name, _ in DEPLOYABLES] + (
+        ["torchscript_before"] if args.before_rev else [])
+    rows: dict[str, list[dict]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory(prefix="bench-served-floor-") as tmp:
+        dirs = save_models(tmp, net, args.before_rev)
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        for r in range(args.rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            servers = {}
+            try:
+                for name in order:
+                    port = free_port()
+                    proc, cold = start_server(
+                        [os.path.join(bin_dir, "mlflow"), "models", "serve", "--env-manager",
+                         "local", "-h", "127.0.0.1", "-p", str(port), "-w", str(args.workers),
+                         "-m", dirs[name]], port, env)
+                    servers[name] = (proc, port)
+                    rows[name].append({"cold_start_s": round(cold, 3)})
+                for name in order:
+                    proc, port = servers[name]
+                    cpu = server_cpu_s(proc)
+                    p50, p99 = latency_ms(port, one_json, args.latency_requests)
+                    cpu = (server_cpu_s(proc) - cpu) / (args.latency_requests + 20) * 1000
+                    rows[name][-1].update(batch1_p50_ms=round(p50, 3), batch1_p99_ms=round(p99, 3),
+                                          batch1_server_cpu_ms=round(cpu, 3))
+                for name in order:
+                    if name == "noop":
+                        continue
+                    archive = dirs[f"{name}_archive"]
+                    before = in_process(archive, 64, args.seconds)
+                    got = served_images_per_s(servers[name][1], many_b64, 1, args.seconds)
+                    after = in_process(archive, 64, args.seconds)
+                    rows[name][-1].update(in_process_batch64=round((before + after) / 2),
+                                          served_b64_batch64=round(got))
+                for name in order:
+                    proc, port = servers[name]
+                    cpu = server_cpu_s(proc)
+                    rate, errors, answered = concurrent(port, one_json, args.clients, args.seconds)
+                    cpu = (server_cpu_s(proc) - cpu) / max(answered, 1) * 1000
+                    rows[name][-1].update(concurrent_requests_per_s=round(rate, 1),
+                                          concurrent_errors=errors,
+                                          concurrent_server_cpu_ms=round(cpu, 3))
+            finally:
+                for proc, _ in servers.values():
+                    stop(proc)
+            noop = rows["noop"][-1]
+            for name in names[1:]:
+                row = rows[name][-1]
+                row["ratios"] = {
+                    "batch1_p50_vs_noop": round(row["batch1_p50_ms"] / noop["batch1_p50_ms"], 3),
+                    "cold_start_vs_noop": round(row["cold_start_s"] / noop["cold_start_s"], 3),
+                    "served_b64_batch64_vs_in_process":
+                        round(row["served_b64_batch64"] / row["in_process_batch64"], 3),
+                    "concurrent_batch1_requests_vs_noop":
+                        round(row["concurrent_requests_per_s"] / noop["concurrent_requests_per_s"], 3),
+                }
+            print(f"round {r + 1}/{args.rounds}:", json.dumps({k: v[-1] for k, v in rows.items()}),
+                  file=sys.stderr, flush=True)
+        profile = profile_invocations(dirs, one_json, args.profile_requests)
+
+    figures = {name: {k: summarize([row[k] for row in got])
+                      for k in got[0] if k != "ratios"} for name, got in rows.items()}
+    verdicts = {}
+    for name in names[1:]:
+        figures[name]["ratios"] = {}
+        for goal, (sense, bound) in GOALS.items():
+            got = summarize([row["ratios"][goal] for row in rows[name]])
+            figures[name]["ratios"][goal] = got
+            met = got["median"] <= bound if sense == "<=" else got["median"] >= bound
+            if goal == "concurrent_batch1_requests_vs_noop":
+                met = met and figures[name]["concurrent_errors"]["max"] == 0
+            verdicts[f"{name}: {goal} {sense} {bound}"] = "met" if met else "missed"
+    save("served_floor", {"rounds": args.rounds, "seconds": args.seconds,
+                          "latency_requests": args.latency_requests, "clients": args.clients,
+                          "workers": args.workers,
+                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+                          "load_average_at_end": os.getloadavg(), "goals": verdicts,
+                          "figures": figures, "in_process_invocations_profile": profile,
+                          "rounds_detail": rows})
+
+
+if __name__ == "__main__":
+    main()

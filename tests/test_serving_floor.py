@@ -1,0 +1,66 @@
+"""The deployable's forward path (issue 24): TorchScript's optimizing executor off, one intra-op
+thread for small batches; the answers are the archive's own, and the refusals are unchanged."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from lightcycle.lifecycle import export
+from lightcycle.model.nets import build_net, example_input
+from lightcycle.serving import serving_model
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    import mlflow.pyfunc
+
+    torch.manual_seed(0)
+    archive = str(tmp_path_factory.mktemp("floor") / "model.pt")
+    export.save_archive(torch.jit.freeze(torch.jit.script(build_net("cnn").eval())), archive)
+    model_dir = str(tmp_path_factory.mktemp("floor") / "model")
+    mlflow.pyfunc.save_model(model_dir, **export.deployable_model_kwargs(archive, "torchscript"))
+    model = mlflow.pyfunc.load_model(model_dir)
+    return model.unwrap_python_model(), torch.jit.load(archive).eval()
+
+
+@pytest.mark.parametrize("batch", [1, serving_model.SMALL_BATCH, serving_model.SMALL_BATCH + 1, 64])
+def test_probabilities_are_the_archives_own(classifier, batch):
+    wrapper, archive = classifier
+    pixels = example_input(batch)
+    with torch.inference_mode():
+        expected = torch.softmax(archive(pixels), dim=1).numpy()
+    got = wrapper.predict(None, pixels.numpy())
+    np.testing.assert_allclose(np.stack(got["probabilities"]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_small_batches_use_one_thread_and_large_ones_the_configured_count(classifier):
+    wrapper, _ = classifier
+    seen = {}
+
+    def in_a_pool_thread():  # as the scoring server runs each request
+        wrapper.predict(None, example_input(1).numpy())
+        seen["small"] = torch.get_num_threads()
+        wrapper.predict(None, example_input(64).numpy())
+        seen["large"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=in_a_pool_thread)
+    thread.start()
+    thread.join()
+    assert seen == {"small": 1, "large": wrapper.threads}
+
+
+@pytest.mark.parametrize("bad", [np.full((1, 1, 28, 28), 300.0), np.full((1, 1, 28, 28), np.nan),
+                                 np.zeros((1, 784)), np.zeros((0, 1, 28, 28))])
+def test_the_forward_path_still_refuses_bad_input(classifier, bad):
+    wrapper, _ = classifier
+    from mlflow.exceptions import MlflowException
+
+    # The model's own copy of serving_model.py raised it (models from code), so not this
+    # module's InputError class: its message and code say what it is.
+    with pytest.raises(MlflowException, match="expected raw pixels") as raised:
+        wrapper.predict(None, bad)
+    assert raised.value.get_http_status_code() == 400
