@@ -11,9 +11,10 @@ def main(argv=None):
     parser.add_argument("--model_uri", type=text, default=defaults.SERVE["model_uri"])
     args = parser.parse_args(argv)
 
-    from lightcycle.lifecycle import connection, lineage
+    from lightcycle.lifecycle import connection, lineage, tracking
 
     connection.check_tracking_server()
+    tracking.label_step_run("lineage")
     print(lineage.describe(args.model_uri))
 
 

@@ -35,7 +35,7 @@ def main(argv=None):
     pipeline.parse_deployable(args.deployable)  # a typo fails before anything runs
     connection.check_tracking_server()
     with mlflow.start_run():
-        mlflow.set_tags(tracking.step_tags("main"))
+        tracking.label_step_run("main", f"{args.model}-{args.epochs}ep")
         result = pipeline.run_pipeline(
             str(tracking.PROJECT_ROOT),
             {name: getattr(args, name) for name in CHAIN_TRAIN_PARAMS},

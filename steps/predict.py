@@ -35,7 +35,7 @@ def main(argv=None):
 
     connection.check_tracking_server()
     with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
-        mlflow.set_tags(tracking.step_tags("predict"))
+        tracking.label_step_run("predict")
         output = args.output
         if output == defaults.AUTO:
             output = os.path.join(tmp, "predictions.parquet" if spark else "predictions.csv")

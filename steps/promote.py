@@ -23,8 +23,8 @@ def main(argv=None):
 
     connection.check_tracking_server()
     with mlflow.start_run():
-        mlflow.set_tags({**tracking.step_tags("promote"),
-                         tracking.TAG_DATA_DIGEST: data.dataset_digest(args.data_dir)})
+        tracking.label_step_run("promote", args.model_name,
+                                {tracking.TAG_DATA_DIGEST: data.dataset_digest(args.data_dir)})
         result = promote(args.model_name, args.min_accuracy, args.version, args.data_dir)
     verdict = "PROMOTED to champion" if result.promoted else "NOT promoted"
     print(f"{result.candidate.uri}: {verdict}: {result.reason}")

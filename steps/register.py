@@ -18,7 +18,7 @@ def main(argv=None):
 
     connection.check_tracking_server()
     with mlflow.start_run():
-        mlflow.set_tags(tracking.step_tags("register"))
+        tracking.label_step_run("register", args.model_name)
         mv, created = registry.register_training_run(args.run_id, args.model_name)
         uri = f"models:/{mv.name}/{mv.version}"
         mlflow.set_tags({tracking.TAG_OUTPUT_URI: uri, "lightcycle.created": str(created).lower()})

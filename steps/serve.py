@@ -14,10 +14,11 @@ def main(argv=None):
     parser.add_argument("--workers", type=integer, default=defaults.SERVE["workers"])
     args = parser.parse_args(argv)
 
-    from lightcycle.lifecycle import connection
+    from lightcycle.lifecycle import connection, tracking
     from lightcycle.serving import scoring_server
 
     connection.check_tracking_server()
+    tracking.label_step_run("serve")
     scoring_server.exec_server(args.model_uri, args.host, args.port, args.workers)
 
 

@@ -25,8 +25,8 @@ def main(argv=None):
 
     connection.check_tracking_server()
     with mlflow.start_run():
-        mlflow.set_tags({**tracking.step_tags("torchscript"),
-                         tracking.TAG_DATA_DIGEST: data.dataset_digest(args.data_dir)})
+        tracking.label_step_run("torchscript", args.method,
+                                {tracking.TAG_DATA_DIGEST: data.dataset_digest(args.data_dir)})
         name = None if args.deployable_name == defaults.AUTO else args.deployable_name
         result = export.publish(args.model_uri, args.method, args.data_dir, name)
     print(f"parity: {result.parity.describe()} ({result.stage})")

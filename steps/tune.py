@@ -16,7 +16,7 @@ def main(argv=None):
     cfg.validate()
     connection.check_tracking_server()  # before start_run, which would retry for minutes
     with mlflow.start_run():
-        mlflow.set_tags(tracking.step_tags("tune"))
+        tracking.label_step_run("tune", cfg.study_name)
         tune(cfg)
 
 

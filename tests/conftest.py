@@ -241,7 +241,7 @@ def sample_chain(sqlite_server):
     result = check(mlflow_run("main", params, experiment_id,
                               env={"MLFLOW_TRACKING_URI": sqlite_server.url}))
     return {"experiment": experiment_id, "name": SAMPLE_CHAIN_MODEL, "params": params,
-            "stdout": result.stdout,
+            "stdout": result.stdout, "stderr": result.stderr,
             "champion": f"models:/{SAMPLE_CHAIN_MODEL}-scripted@champion",
             "pt2_champion": f"models:/{SAMPLE_CHAIN_MODEL}-pt2@champion"}
 

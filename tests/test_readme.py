@@ -23,11 +23,20 @@ pytestmark = pytest.mark.slow
 MARKER = "<!-- tests/test_readme.py runs every command of this block, in order -->"
 
 
-def readme_commands() -> list[str]:
+def readme_lines() -> list[str]:
     text = (PROJECT_ROOT / "README.md").read_text()
     block = text.split(MARKER, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    commands = [re.sub(r"\s#.*$", "", line).strip() for line in block.splitlines()]
-    return [c for c in commands if c.startswith(("mlflow run", "python -m lightcycle"))]
+    return [re.sub(r"\s#.*$", "", line).strip() for line in block.splitlines()]
+
+
+def readme_commands() -> list[str]:
+    return [c for c in readme_lines() if c.startswith(("mlflow run", "python -m lightcycle"))]
+
+
+def readme_exports() -> dict[str, str]:
+    """The block's `export NAME=value` lines: the environment its commands run in."""
+    return dict(word.split("=", 1) for line in readme_lines() if line.startswith("export ")
+                for word in shlex.split(line)[1:])
 
 
 def root_listing() -> set[str]:
@@ -54,7 +63,9 @@ def test_readme_commands_run_as_written_and_leave_no_stray_files(fresh_server, t
     # Every entry point the README's table documents is walked.
     table = set(re.findall(r"^\| `(\w+)` \|", (PROJECT_ROOT / "README.md").read_text(), re.M))
     assert table <= entry_points, table - entry_points
-    env = {**os.environ, "MLFLOW_TRACKING_URI": fresh_server.url,
+    exports = readme_exports()
+    assert exports.get("MLFLOW_EXPERIMENT_NAME"), exports  # a named experiment, not Default
+    env = {**os.environ, **exports, "MLFLOW_TRACKING_URI": fresh_server.url,
            "XDG_DATA_HOME": str(tmp_path / "xdg")}  # tune's default study store, per user
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     before = root_listing()
@@ -84,5 +95,11 @@ def test_readme_commands_run_as_written_and_leave_no_stray_files(fresh_server, t
     assert root_listing() == before, root_listing() - before
     client = MlflowClient(fresh_server.url)
     assert client.get_model_version_by_alias("lightcycle-fashion-scripted", "champion")
+    experiment = client.get_experiment_by_name(exports["MLFLOW_EXPERIMENT_NAME"])
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    entry_point_runs = {r.data.tags.get("mlflow.project.entryPoint") for r in runs}
+    assert entry_points <= entry_point_runs, entry_points - entry_point_runs
+    assert not client.search_runs(["0"]), "a README command ran in the Default experiment"
     # tune's default storage: the per-user file next to no sqlite store, never a file named ''.
     assert (tmp_path / "xdg" / "lightcycle" / "optuna.db").is_file()

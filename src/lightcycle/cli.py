@@ -20,9 +20,10 @@ def boolean(value: str) -> bool:
 
 def run_step(main, argv: list[str] | None = None) -> None:
     """Run a step's main(); user errors become one clear line on stderr and exit code 2."""
-    from lightcycle.lifecycle import connection
+    from lightcycle.lifecycle import connection, tracking
 
     connection.use_bounded_retries()
+    tracking.quiet_mlflow_console()
     try:
         main(argv)
     except UserError as exc:

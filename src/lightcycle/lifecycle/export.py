@@ -37,6 +37,7 @@ import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from lightcycle.lifecycle import model_io, registry, tracking
 from lightcycle.model import data
@@ -345,11 +346,14 @@ def publish(
 
     # The accuracy the deployable itself has: eager's, or (int8) its own on the same images.
     accuracy = conversion.eager_accuracy - parity.accuracy_drop
-    info = log_deployable(best, method, source, parity, accuracy)
+    source_mv = client.get_model_version(source.name, source.version)
+    fmt = "int8" if quantized else FORMATS[method]
+    net = _net_name(client, source_mv)
+    info = log_deployable(best, method, source, parity, accuracy,
+                          registry.deployable_name(net, fmt))
     run_id = mlflow.active_run().info.run_id
     mlflow.set_tag(tracking.TAG_MODEL_ID, info.model_id)
 
-    source_mv = client.get_model_version(source.name, source.version)
     tags = {
         registry.TAG_SOURCE_VERSION: source.uri,
         registry.TAG_SOURCE_RUN: source_mv.run_id or "",
@@ -360,7 +364,16 @@ def publish(
         tracking.TAG_DATA_DIGEST: source_mv.tags.get(tracking.TAG_DATA_DIGEST, ""),
         registry.TAG_TEST_ACCURACY: f"{accuracy:.6g}",
     }
-    mv, _ = registry.register_model(info.model_uri, name, run_id, tags, client)
+    description = "\n".join([
+        f"`{net}` as {fmt} ({method}, {stage}) from {source.uri}"
+        + (f" (train run {source_mv.run_id})." if source_mv.run_id else "."),
+        f"- Accuracy: {accuracy:.4f} on the {parity.images} held-out test images",
+        f"- Parity with eager: {parity.describe()}",
+        registry.GATE_LINE + "not gated yet (the `promote` step writes its verdict here)",
+    ])
+    mv, _ = registry.register_model(
+        info.model_uri, name, run_id, tags, client,
+        registry.registered_model_description(name, fmt, source.name), description)
     client.set_registered_model_alias(name, registry.CHALLENGER, mv.version)
     mlflow.set_tag(tracking.TAG_OUTPUT_URI, f"models:/{name}/{mv.version}")
     return Deployable(source, registry.ModelRef(name, mv.version), parity, stage, run_id)
@@ -379,14 +392,25 @@ def deployable_model_kwargs(archive: str, artifact: str) -> dict:
     )
 
 
+def _net_name(client: MlflowClient, source_mv) -> str:
+    """The net a registered eager version holds (`cnn`), from its train run's `model` param."""
+    if source_mv.run_id:
+        try:
+            return client.get_run(source_mv.run_id).data.params.get("model", "net")
+        except MlflowException:
+            pass
+    return "net"
+
+
 def log_deployable(converted, method: str, source: registry.ModelRef, parity: Parity,
-                   accuracy: float):
+                   accuracy: float, name: str = "deployable"):
+    """Log the pyfunc around `converted`; `name` is the logged model's (`cnn-scripted`)."""
     fmt = FORMATS[method]
     with tempfile.TemporaryDirectory(prefix="lightcycle-deployable-") as tmp:
         archive = os.path.join(tmp, "model.pt2" if fmt == "pt2" else "model.pt")
         save_archive(converted, archive)
         return mlflow.pyfunc.log_model(
-            name="model",
+            name=name,
             **deployable_model_kwargs(archive, fmt),
             metadata=model_io.model_metadata(
                 format=fmt, torch_version=model_io.package_version("torch"), conversion=method, source_version=source.uri,

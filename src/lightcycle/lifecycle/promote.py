@@ -98,7 +98,11 @@ def _gate(client: MlflowClient, model_name: str, candidate: registry.ModelRef, a
                "gate_promoted": float(promoted)}
     if champion_accuracy is not None:
         metrics["gate_champion_accuracy"] = champion_accuracy
-    mlflow.log_metrics(metrics)
+    mv = client.get_model_version(model_name, candidate.version)
+    # Linked to the version's logged model too, so its page shows the accuracy. The version's
+    # `model_id` comes back empty here (3.17); its source is the logged model's URI.
+    model_id = mv.source.removeprefix("models:/") if mv.source.startswith("models:/m-") else None
+    mlflow.log_metrics(metrics, model_id=model_id)
     mlflow.set_tags({TAG_DECISION: "promoted" if promoted else "rejected",
                      "lightcycle.gate.reason": reason,
                      "lightcycle.gate.candidate": candidate.uri,
@@ -112,6 +116,9 @@ def _gate(client: MlflowClient, model_name: str, candidate: registry.ModelRef, a
     }
     for key, value in decision_tags.items():
         client.set_model_version_tag(model_name, candidate.version, key, value)
+    # The version's description gets the verdict: where a person choosing a champion looks.
+    client.update_model_version(model_name, candidate.version, description=registry.with_gate_line(
+        mv.description, f"{decision_tags[TAG_DECISION]}: {reason} (promote run {run_id})"))
     if promoted:
         lease.check()  # fencing: the lock may have been broken while the champion was evaluated
         # `previous` first: if the second call fails, champion still points at a good version.
@@ -121,3 +128,4 @@ def _gate(client: MlflowClient, model_name: str, candidate: registry.ModelRef, a
     after = candidate if promoted else champion
     mlflow.set_tag(TAG_CHAMPION_AFTER, after.version if after else "")
     return GateResult(candidate, accuracy, champion, champion_accuracy, promoted, reason)
+

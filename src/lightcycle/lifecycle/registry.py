@@ -48,6 +48,51 @@ def deployable_name(model_name: str, fmt: str = "torchscript") -> str:
     return model_name + {"pt2": PT2_SUFFIX, "int8": INT8_SUFFIX}.get(fmt, SCRIPTED_SUFFIX)
 
 
+# What the Models page shows a person choosing which version to move `champion` to.
+_FORMAT_WORDS = {"torchscript": "a TorchScript archive (`torch.jit`)",
+                 "pt2": "a torch.export (pt2) archive",
+                 "int8": "an int8 TorchScript archive (post-training static quantization)"}
+GATE_LINE = "- Gate: "
+
+
+def registered_model_description(name: str, fmt: str | None = None, source: str = "") -> str:
+    """What the registered model `name` holds, its input contract and how to serve it; `fmt`
+    None for the eager net, else the deployable's format (`source`: its eager model's name)."""
+    if fmt is None:
+        return (
+            "lightcycle's FashionMNIST classifier as trained: the eager PyTorch net "
+            "(`mlflow.pytorch`, pickle format), one version per `train` run, registered by the "
+            "`register` step.\n\n"
+            "**Input**: float32 raw pixels 0-255, shape (N, 1, 28, 28); the net normalizes "
+            "them itself. **Output**: (N, 10) logits, classes T-shirt/top ... Ankle boot.\n\n"
+            f"**Serving**: serve its deployable, `{name}{SCRIPTED_SUFFIX}` (made by `mlflow run . "
+            f"-e torchscript -P model_uri=models:/{name}/<version>`), not this model: loading "
+            "it unpickles code, so load only versions you trust.")
+    return (
+        f"lightcycle's FashionMNIST classifier, deployable: {_FORMAT_WORDS[fmt]} behind a small "
+        f"pyfunc (torch, numpy and pandas only), converted from a version of `{source}` by the "
+        "`torchscript` step, with parity checked against it. The `promote` step gates each "
+        "version on the held-out test set and moves the `champion` alias.\n\n"
+        "**Input** (`POST /invocations`, JSON): `{\"inputs\": [[[[...]]]]}`, raw pixels 0-255 "
+        "as (N, 1, 28, 28) or (N, 28, 28), integers or floats, at most 1,024 images; or "
+        "`{\"inputs\": {\"pixels_uint8_b64\": \"...\"}}`, N x 784 uint8 bytes in row-major "
+        "order, base64. **Output**: one row per image: `class_id`, `label`, `probabilities`.\n\n"
+        f"**Serve**: `mlflow run . -e serve --env-manager local -P model_uri=models:/{name}@champion`"
+        f" or `mlflow models serve -m models:/{name}@champion --env-manager local -p 5001`.")
+
+
+def describe_registered_model(client: MlflowClient, name: str, description: str) -> None:
+    """Give `name` its description once; one a person wrote in the UI stays."""
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=description)
+
+
+def with_gate_line(description: str, gate: str) -> str:
+    """The version description with its gate line replaced (the step that gates knows it)."""
+    kept = [line for line in (description or "").splitlines() if not line.startswith(GATE_LINE)]
+    return "\n".join([*kept, GATE_LINE + gate])
+
+
 def not_found(exc: MlflowException) -> bool:
     # A missing alias comes back as INVALID_PARAMETER_VALUE "... alias champion not found".
     return getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or (
@@ -112,27 +157,31 @@ def find_version_for_run(client: MlflowClient, name: str, run_id: str,
 
 
 def register_model(
-    model_uri: str, name: str, run_id: str, tags: dict[str, str], client: MlflowClient | None = None
+    model_uri: str, name: str, run_id: str, tags: dict[str, str], client: MlflowClient | None = None,
+    model_description: str = "", description: str = "",
 ) -> tuple[ModelVersion, bool]:
     """Register `model_uri` (produced by `run_id`) under `name`; idempotent per run.
 
-    Returns (version, created). The version is created with all its tags in one call, and
-    deleted again if it never becomes READY, so no half-registered version is left behind.
+    Returns (version, created). The version is created with all its tags and its description
+    in one call, and deleted again if it never becomes READY, so no half-registered version is
+    left behind. `model_description` describes the registered model, if it has none yet.
     """
     client = client or MlflowClient()
     existing = find_version_for_run(client, name, run_id)
     if existing is not None:
         return existing, False
     try:
-        client.create_registered_model(name)
+        client.create_registered_model(name, description=model_description or None)
     except MlflowException as exc:
         if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
             raise
+        if model_description:
+            describe_registered_model(client, name, model_description)
     # Over REST, a models:/m-<id> source must name its logged model explicitly.
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     try:
         mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags,
-                                         model_id=model_id)
+                                         model_id=model_id, description=description or None)
     except MlflowException:
         # The server may have committed the version and died before answering: look first.
         mv = find_version_for_run(client, name, run_id, ready_only=False)
@@ -207,4 +256,13 @@ def register_training_run(run_id: str, model_name: str = DEFAULT_MODEL_NAME) -> 
         tracking.TAG_DATA_DIGEST: run.data.tags.get(tracking.TAG_DATA_DIGEST, ""),
         TAG_TEST_ACCURACY: str(run.data.metrics.get("test_accuracy", "")),
     }
-    return register_model(model_uri, model_name, run_id, tags, client)
+    accuracy = run.data.metrics.get("test_accuracy")
+    description = "\n".join([
+        f"Eager `{run.data.params.get('model', 'net')}` from train run {run_id} "
+        f"({run.data.params.get('epochs', '?')} epochs).",
+        "- Accuracy: " + (f"{accuracy:.4f} on the held-out test set" if accuracy is not None
+                          else "not measured"),
+        "- Parity and gate: judged on the deployables made from this version.",
+    ])
+    return register_model(model_uri, model_name, run_id, tags, client,
+                          registered_model_description(model_name), description)

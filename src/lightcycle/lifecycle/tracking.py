@@ -6,7 +6,9 @@ Standard library only at import time, so that non-training steps start fast.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -19,6 +21,13 @@ TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_DATA_DIGEST = "lightcycle.data_digest"
 TAG_OUTPUT_URI = "lightcycle.output_uri"  # what a step run produced, for the next step
 TAG_MODEL_ID = "lightcycle.model_id"
+# The MLflow UI picks its pages by this experiment tag: without it, 3.17 opens an experiment as
+# a GenAI one (traces, judges, prompts); with this value, as model training (runs, models).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# The names MLflow gives runs nobody named ("lyrical-turtle-630"): a step renames only these, so
+# a name given with `mlflow run --run-name` stays.
+_GENERATED_RUN_NAME = re.compile(r"^[a-z]+-[a-z]+-\d+$")
 
 # The files that decide what a step does. README, tests/, bench/ and the data sample are left
 # out on purpose: editing them must not invalidate cached runs. The git commit is recorded
@@ -100,6 +109,52 @@ def step_tags(entry_point: str) -> dict[str, str]:
     if commit:
         tags[TAG_GIT_COMMIT] = commit
     return tags
+
+
+def step_run_name(entry_point: str, detail: str = "") -> str:
+    """`train-cnn-40ep`, `promote-lightcycle-fashion-scripted`: the step first, as the UI lists it."""
+    return f"{entry_point}-{detail}" if detail else entry_point
+
+
+def label_step_run(entry_point: str, detail: str = "", tags: dict[str, str] | None = None) -> None:
+    """Make a step run readable in the UI: the step tags (plus `tags`), a name that starts with
+    the step, and its experiment marked as a model-training one.
+
+    Works on the active run, else on the run `mlflow run` made (MLFLOW_RUN_ID) for steps that
+    start none (`serve`, `lineage`); outside both it does nothing."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
+    active = mlflow.active_run()
+    run_id = active.info.run_id if active else os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    client = MlflowClient()
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in
+                                   {**step_tags(entry_point), **(tags or {})}.items()])
+    run = client.get_run(run_id)
+    if not run.info.run_name or _GENERATED_RUN_NAME.match(run.info.run_name):
+        client.update_run(run_id, name=step_run_name(entry_point, detail))
+    mark_experiment(client, run.info.experiment_id)
+
+
+def mark_experiment(client, experiment_id: str) -> None:
+    """Tag the experiment as model training, unless someone gave it another kind."""
+    if TAG_EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+
+
+# Every step prints its own progress; MLflow's per-artifact download bars (tqdm, thousands of
+# lines a second in a log) and its per-launch "Created directory ... for downloading remote
+# URIs" line only bury it. A value the user exported wins.
+QUIET_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def quiet_mlflow_console() -> None:
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("mlflow.projects.utils").setLevel(logging.WARNING)
 
 
 def is_global_rank_zero() -> bool:

@@ -77,7 +77,7 @@ def _fit(trainer, module, datamodule, search: resuming.Search) -> None:
 def _train_and_log(cfg, trainer, module, datamodule, log_dir) -> str:
     digest = data.dataset_digest(cfg.data_dir)
     with mlflow.start_run() as run:
-        mlflow.set_tags(tracking.step_tags("train"))
+        tracking.label_step_run("train", f"{cfg.model}-{cfg.epochs}ep")
         mlflow.pytorch.autolog(
             log_models=False,  # logged below as float32 with a signature (autolog has none in bf16)
             log_datasets=False,
@@ -118,7 +118,8 @@ def _train_and_log(cfg, trainer, module, datamodule, log_dir) -> str:
                           "plots/misclassified.png")
         mlflow.log_artifacts(os.path.join(log_dir, "tensorboard"), "tensorboard")
 
-        info = model_io.log_eager_model(net, test_accuracy=result.accuracy, data_digest=digest)
+        info = model_io.log_eager_model(net, cfg.model, test_accuracy=result.accuracy,
+                                        data_digest=digest)
         mlflow.set_tags({tracking.TAG_OUTPUT_URI: info.model_uri,
                          tracking.TAG_MODEL_ID: info.model_id})
         print(resuming.prune_checkpoints(run.info.run_id), flush=True)
