@@ -24,6 +24,8 @@ from lightcycle.operations.postgres import PostgresCluster, postgres_unavailable
 from processes import free_port, stop_process, wait_for_http  # noqa: F401 - re-exported to tests
 from synthetic import FULL_SIZE, synthetic_data_dir
 
+pytest_plugins = ["strict"]  # LIGHTCYCLE_STRICT=1: skips fail the run (tests/strict.py)
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
 VENV_BIN = str(Path(sys.executable).parent)
