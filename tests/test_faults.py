@@ -256,29 +256,53 @@ def restartable_server(tmp_path, monkeypatch):
 
 def test_main_survives_tracking_server_restart_without_duplicates(restartable_server, tmp_path,
                                                                    model_name):
+    """Two restarts, each while a step is at work: one mid-training (after the first epoch's
+    checkpoint is uploaded, so autolog is logging), one while the deployable is converted,
+    logged and registered. `main` completes on its first try, with nothing doubled."""
     server = restartable_server
+    client = MlflowClient()
     experiment = mlflow.create_experiment("restart")
-    params = {"epochs": 2, "model_name": model_name, "min_accuracy": 0.1}
+    params = {"epochs": 3, "model_name": model_name, "min_accuracy": 0.1}
     log = tmp_path / "main.log"
     proc = popen_main(params, experiment, log, env={"MLFLOW_TRACKING_URI": server.url})
-    try:
-        # 1: during training (autolog logs metrics and checkpoints every epoch).
-        poll(lambda: step_run(experiment, "train", "RUNNING") or proc.poll() is not None, 300,
-             "the train run")
-        assert proc.poll() is None, log.read_text()[-3000:]
+    outages = []
+
+    def restart_now(what: str):
+        assert proc.poll() is None, f"main exited before the restart {what}:\n" + \
+            log.read_text()[-3000:]
+        down = time.time()
         server.restart()
-        # 2: during conversion, which logs the deployable, registers it and moves `challenger`.
-        poll(lambda: step_run(experiment, "torchscript") or proc.poll() is not None, 600,
-             "the torchscript run")
-        if proc.poll() is None:
-            server.restart()
+        outages.append((what, down, time.time()))
+
+    try:
+        # 1: during training, once it has logged its first epoch (it has more to log).
+        train = poll(lambda: step_run(experiment, "train", "RUNNING") or proc.poll() is not None,
+                     300, "the train run")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        poll(lambda: checkpoint_epochs(client, train.info.run_id) or proc.poll() is not None,
+             600, "the first epoch's checkpoint")
+        restart_now("during training")
+        # 2: while torchscript runs (it logs the deployable, registers it, moves `challenger`).
+        poll(lambda: step_run(experiment, "torchscript", "RUNNING") or proc.poll() is not None,
+             600, "the torchscript run")
+        restart_now("during conversion")
     finally:
         returncode, output = finish(proc, log)
-    assert server.restarts >= 1
+    assert server.restarts == 2 and [o[0] for o in outages] == ["during training",
+                                                              "during conversion"]
     # With the bounded retries every step sets, an outage this short (one server start) is
     # ridden out: `main` completes on the first try. (A longer one fails the step with an
     # `error:` line and the same command completes on re-run; see the README.)
     assert returncode == 0, output[-4000:]
+    # Each outage fell inside the step it was meant for: training logged epochs on both sides
+    # of the first, and the conversion run spans the second.
+    (_, down, up), (_, down2, up2) = outages
+    trained = client.get_run(train.info.run_id)
+    steps = [m.timestamp / 1000 for m in client.get_metric_history(train.info.run_id, "train_loss")]
+    assert trained.info.status == "FINISHED" and len(steps) == 3, steps
+    assert min(steps) < down and max(steps) > up, (steps, down, up)
+    (conversion,) = runs_of(experiment, "torchscript")
+    assert conversion.info.start_time / 1000 < down2 and conversion.info.end_time / 1000 > up2
     for name in (model_name, registry.deployable_name(model_name)):
         found = versions(name)
         assert [v.version for v in found] == ["1"], (name, [v.version for v in found])
@@ -289,26 +313,119 @@ def test_main_survives_tracking_server_restart_without_duplicates(restartable_se
     assert not runs_of(experiment, status="RUNNING")
 
 
+def test_a_lost_create_model_version_answer_leaves_one_version(tracking_uri, experiment,
+                                                                 model_name, tmp_path):
+    """The server commits the version and its answer is lost: MLflow's client re-sends the
+    POST, the server makes a second version, and register_model deletes it again."""
+    from lossy_proxy import LossyProxy
+
+    client = MlflowClient()
+    run = client.create_run(experiment)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "MLmodel").write_text("flavors: {}\n")
+    client.log_artifacts(run.info.run_id, str(tmp_path / "model"), "model")
+    source = f"{run.info.artifact_uri}/model"
+    with LossyProxy(tracking_uri, ("/model-versions/create",)) as proxy:
+        lossy = MlflowClient(proxy.url)
+        version, created = registry.register_model(source, model_name, run.info.run_id,
+                                                   {"lightcycle.source_run_id": run.info.run_id},
+                                                   client=lossy)
+    creates = [status for method, path, status in proxy.seen
+               if path.endswith("/model-versions/create")]
+    assert creates[0] is None and len(creates) >= 2, proxy.seen  # the retry reached the server
+    assert created and version.version == "1" and version.status == "READY"
+    found = versions(model_name, client)
+    assert [(v.version, v.run_id) for v in found] == [("1", run.info.run_id)], \
+        [(v.version, v.run_id) for v in found]
+    assert found[0].tags["lightcycle.source_run_id"] == run.info.run_id
+    # Registering the same run again is a no-op that finds the one version.
+    again, created = registry.register_model(source, model_name, run.info.run_id, {}, client=client)
+    assert (again.version, created) == ("1", False)
+
+
+def test_a_step_rides_out_a_tracking_server_restart_and_says_so(restartable_server,
+                                                                monkeypatch, capsys):
+    """A step whose run exists (MLFLOW_RUN_ID set by `mlflow run`) waits for a restarting
+    server instead of failing, and says why it waits; past the grace it fails, saying so."""
+    import threading
+
+    from lightcycle.errors import UserError
+    from lightcycle.lifecycle import connection
+
+    server = restartable_server
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
+    stop_process(server.server.proc)
+    outcome = {}
+
+    def check_during_outage():
+        try:
+            outcome["uri"] = connection.check_tracking_server()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    waiter = threading.Thread(target=check_during_outage)
+    waiter.start()
+    poll(lambda: "is not answering" in capsys.readouterr().out or waiter.join(0) or
+         not waiter.is_alive(), 30, "the waiting message")
+    assert waiter.is_alive(), outcome  # still waiting, not failed
+    server.server = start_tracking_server(server.root, port=server.port)
+    waiter.join(connection.RESTART_GRACE_SECONDS)
+    assert outcome == {"uri": server.url}, outcome
+
+    # Past the grace: a clear error naming the wait.
+    stop_process(server.server.proc)
+    monkeypatch.setattr(connection, "RESTART_GRACE_SECONDS", 1.0)
+    with pytest.raises(UserError, match=r"Cannot reach the MLflow tracking server at .* for 1 s"):
+        connection.check_tracking_server()
+    # Outside `mlflow run` (no run yet) there is no grace: it fails at once.
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"\(ConnectionError\)\. Start it"):
+        connection.check_tracking_server()
+    assert time.monotonic() - started < 10
+
+
 # --- concurrency, load, alias following: one pair of concurrent chains -----------------------
 
 CONCURRENT_NAME = f"concurrent-{uuid.uuid4().hex[:6]}"
 
 
+LOCK_WAIT = "[lock] waiting: {lock} is held by run '{run}'"
+
+
 @pytest.fixture(scope="module")
 def two_chains(backend_server, tmp_path_factory):
     """Two `main` runs with different seeds started together against one server, once per
-    tracking backend (sqlite, PostgreSQL)."""
+    tracking backend (sqlite, PostgreSQL).
+
+    Their gates are made to contend: this process holds the deployable's promotion lock (as a
+    RUNNING run, so it is never stale) until both promotes print that they wait for it, then
+    lets go, and both go for the lock at the same moment."""
     tracking_server = backend_server
     mlflow.set_tracking_uri(tracking_server.url)
+    client = MlflowClient()
     experiment = mlflow.create_experiment(f"concurrent-{uuid.uuid4().hex[:6]}")
     tmp = tmp_path_factory.mktemp("concurrent")
     env = {"MLFLOW_TRACKING_URI": tracking_server.url}
-    procs = [(popen_main({"epochs": 1, "seed": seed, "model_name": CONCURRENT_NAME,
-                          "min_accuracy": 0.1}, experiment, tmp / f"seed{seed}.log", env),
-              tmp / f"seed{seed}.log") for seed in (1, 2)]
-    results = [finish(proc, log) for proc, log in procs]
+    deployable = registry.deployable_name(CONCURRENT_NAME)
+    holder = client.create_run(experiment).info.run_id
+    waiting = LOCK_WAIT.format(lock=deployable + promotion_lock.LOCK_SUFFIX, run=holder)
+    logs = [tmp / f"seed{seed}.log" for seed in (1, 2)]
+    with promotion_lock.promotion_lock(client, deployable, holder):
+        procs = [popen_main({"epochs": 1, "seed": seed, "model_name": CONCURRENT_NAME,
+                             "min_accuracy": 0.1}, experiment, log, env)
+                 for seed, log in zip((1, 2), logs)]
+        try:
+            poll(lambda: all(waiting in log.read_text() for log in logs)
+                 or any(proc.poll() is not None for proc in procs), 900, "both promotes to wait")
+        except BaseException:
+            for proc in procs:
+                stop_process(proc)
+            raise
+    client.set_terminated(holder)
+    results = [finish(proc, log) for proc, log in zip(procs, logs)]
     yield {"experiment": experiment, "results": results, "url": tracking_server.url,
-           "deployable": registry.deployable_name(CONCURRENT_NAME)}
+           "deployable": deployable, "holder": holder, "waiting": waiting}
     mlflow.set_tracking_uri(None)
 
 
@@ -317,6 +434,8 @@ def test_concurrent_mains_leave_one_champion_with_the_better_accuracy(two_chains
     mlflow.set_tracking_uri(two_chains["url"])
     for returncode, output in two_chains["results"]:
         assert returncode == 0, output[-4000:]
+        # Each gate waited for the lock while another held it...
+        assert two_chains["waiting"] in output, output[-4000:]
     client = MlflowClient()
     eager = versions(CONCURRENT_NAME)
     deployable = versions(two_chains["deployable"])
@@ -331,6 +450,14 @@ def test_concurrent_mains_leave_one_champion_with_the_better_accuracy(two_chains
     accuracy = {v.version: float(v.tags[promote.TAG_ACCURACY]) for v in deployable}
     assert accuracy[holders[0].version] == max(accuracy.values()), accuracy
     assert len(runs_of(two_chains["experiment"], "promote", "FINISHED")) == 2
+    # ...and, let go at the same moment, they ran one after the other: the first found no
+    # champion and took it; the second compared against the first. Two gates that overlapped
+    # would both have read "no champion" and both recorded no champion accuracy.
+    seen = {v.version: v.tags[promote.TAG_CHAMPION_ACCURACY] for v in deployable}
+    first = [version for version, champion in seen.items() if champion == ""]
+    assert len(first) == 1, seen
+    (second,) = set(seen) - set(first)
+    assert seen[second] == f"{accuracy[first[0]]:.6g}", (seen, accuracy)
 
 
 def test_concurrent_promotion_lock_serializes_read_compare_write(tracking_uri, experiment,
@@ -444,11 +571,7 @@ def test_load_8_clients_30s_mixed_requests_no_5xx_correct_answers_flat_memory(se
     mix = load_serve.standard_mix(f"models:/{served['name']}/{served['version']}")
     result = load_serve.run_load(served["url"], mix, clients=8, seconds=30, warmup_seconds=5,
                                  rss=lambda: load_serve.tree_rss_kib(served["proc"].pid))
-    out = PROJECT_ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    import dataclasses
-    import json
-    (out / "load_serve_test.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    # Figures for BENCHMARKS.md come from bench/load_serve.py; the test writes nothing.
     assert result.good > 0 and result.bad > 0
     assert result.transport_errors == 0, result.examples
     assert result.server_errors == 0, result.examples

@@ -14,6 +14,7 @@ the stale holder still owns it (a fresh holder's lock is never deleted).
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -62,6 +63,9 @@ def registry_lock(client: MlflowClient, lock: str, run_id: str, timeout: float =
             break  # our create committed, its answer was lost and the retry found it
         if holder is not None:
             held_by = holder.get(TAG_LOCK_OWNER, "")
+            if held_by not in first_seen:  # once per holder: a user sees why the step waits
+                print(f"[lock] waiting: {lock} is held by run {holder.get(TAG_LOCK_RUN)!r} "
+                      f"(held while {purpose})", file=sys.stderr, flush=True)
             seen = first_seen.setdefault(held_by, time.monotonic())
             if time.monotonic() - seen > stale_after or _holder_run_ended(client, holder):
                 _break(client, lock, held_by, first_seen, stale_after)
