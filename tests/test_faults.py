@@ -505,6 +505,22 @@ def test_concurrent_promotion_lock_serializes_read_compare_write(tracking_uri, e
     with promotion_lock.promotion_lock(client, model_name, "another-run", timeout=30):
         pass
 
+    # A live holder is waited for, and past the timeout the waiter gives up naming the lock,
+    # its holder and what to do.
+    live = client.create_run(experiment).info.run_id
+    lock = model_name + promotion_lock.LOCK_SUFFIX
+    with promotion_lock.promotion_lock(client, model_name, live):
+        started = time.monotonic()
+        with pytest.raises(promotion_lock.UserError) as gave_up:
+            with promotion_lock.promotion_lock(client, model_name, "waiter", timeout=1.5,
+                                               poll=0.1):
+                pytest.fail("took a lock a live run holds")
+        assert 1.5 <= time.monotonic() - started < 30
+    assert str(gave_up.value) == (
+        f"Registered model {lock} (a lock held while `promote` moves the aliases of "
+        f"{model_name}) is held by run {live!r}. Wait for that run to finish; if it is not "
+        f"running, delete {lock} in the MLflow UI and re-run.")
+
 
 def test_lock_survives_a_killed_holder_and_contending_processes(tracking_uri, experiment,
                                                                model_name, tmp_path):
@@ -640,14 +656,19 @@ def auth_server(tmp_path_factory):
         "default_permission = READ\n"
         f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
         f"admin_username = {ADMIN}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        # MLflow's basic auth, plus bearer tokens (MLFLOW_TRACKING_TOKEN): tests/token_auth.py
+        "authorization_function = token_auth:authenticate\n")
+    token = secrets.token_urlsafe(18)
     server = start_tracking_server(
         root, extra_args=["--app-name", "basic-auth"],
         env={"MLFLOW_AUTH_CONFIG_PATH": str(config),
              # Read once, when the admin user is first created; never written to a file.
              "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
-    yield {"url": server.url, "password": password, "root": root}
+             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+             "LIGHTCYCLE_TEST_BEARER": f"{ADMIN}:{token}",
+             "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT / "tests"),
+                                            os.environ.get("PYTHONPATH", "")])})
+    yield {"url": server.url, "password": password, "root": root, "token": token}
     stop_process(server.proc)
 
 
@@ -686,6 +707,28 @@ def test_auth_chain_runs_with_credentials_from_the_environment(auth_server, auth
     assert champion.version == "1"
     server_log = (auth_server["root"] / "server.log").read_text()
     assert auth_server["password"] not in server_log
+
+
+@pytest.mark.xdist_group("faults-auth")
+def test_auth_a_token_in_mlflow_tracking_token_is_a_credential(auth_server, auth_chain):
+    """MLFLOW_TRACKING_TOKEN alone (no user, no password), through `mlflow run`; a wrong one is
+    refused naming the variable, never printing the token."""
+    check(auth_chain["result"])
+    env = {**_without_credentials(), "MLFLOW_TRACKING_URI": auth_server["url"],
+           "MLFLOW_TRACKING_TOKEN": auth_server["token"]}
+    champion = f"models:/{auth_chain['deployable']}@champion"
+    result = subprocess.run(["mlflow", "run", str(PROJECT_ROOT), "-e", "lineage", "--env-manager",
+                             "local", "-P", f"model_uri={champion}"], capture_output=True,
+                            text=True, timeout=300, env=env, cwd=PROJECT_ROOT)
+    check(result)
+    assert f"{champion} -> models:/{auth_chain['deployable']}/1 " in result.stdout, result.stdout
+    assert auth_server["token"] not in result.stdout + result.stderr
+    env["MLFLOW_TRACKING_TOKEN"] = "not-the-token"
+    refused = subprocess.run([sys.executable, "steps/lineage.py", "--model_uri", champion],
+                             capture_output=True, text=True, timeout=120, env=env, cwd=PROJECT_ROOT)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "refused the credentials of the token in MLFLOW_TRACKING_TOKEN" in refused.stderr
+    assert "not-the-token" not in refused.stdout + refused.stderr
 
 
 STEP_ARGS = {
@@ -727,7 +770,8 @@ def test_auth_every_step_fails_at_once_with_a_clear_message(auth_server, credent
 
 
 @pytest.mark.xdist_group("faults-auth")
-def test_auth_read_only_user_cannot_move_champion(auth_server, auth_chain, monkeypatch):
+def test_auth_read_only_user_cannot_move_champion_but_loads_and_serves_it(
+        auth_server, auth_chain, monkeypatch, tmp_path):
     check(auth_chain["result"])
     name = auth_chain["deployable"]
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
@@ -750,6 +794,27 @@ def test_auth_read_only_user_cannot_move_champion(auth_server, auth_chain, monke
         client.set_registered_model_alias(name, registry.CHAMPION, before)
     with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission denied"):
         client.delete_registered_model_alias(name, registry.CHAMPION)
+
+    # The viewer loads the champion and serves it, as README's "Running for a team" says.
+    test = data.load_split(SAMPLE_DIR, "test")
+    pixels = test.images[:8, None].astype(np.float32)
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(pixels)
+    port = free_port()
+    log = tmp_path / "viewer-serve.log"
+    proc = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", f"models:/{name}@champion", "--env-manager", "local",
+         "-p", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tmp_path,
+        start_new_session=True,
+        env={**_as(auth_server["url"], "viewer", viewer_password)})
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180, log=log)
+        served = requests.post(f"http://127.0.0.1:{port}/invocations",
+                               json={"inputs": pixels.tolist()}, timeout=60)
+        assert served.status_code == 200, served.text[:2000]
+    finally:
+        stop_process(proc)
+    assert [row["class_id"] for row in served.json()["predictions"]] == list(loaded["class_id"])
+    assert viewer_password not in log.read_text()
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", auth_server["password"])
