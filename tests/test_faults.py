@@ -225,9 +225,9 @@ class RestartableServer:
     """A function-scoped `mlflow server` that can be stopped and started again on the same
     backend store, artifact root and port."""
 
-    def __init__(self, root: Path):
-        self.root = root
-        self.server = start_tracking_server(root)
+    def __init__(self, root: Path, backend_uri: str | None = None, env: dict | None = None):
+        self.root, self.backend_uri, self.env = root, backend_uri, env
+        self.server = start_tracking_server(root, backend_uri=backend_uri, env=env)
         self.port = int(self.server.url.rsplit(":", 1)[1])
         self.restarts = 0
 
@@ -235,9 +235,13 @@ class RestartableServer:
     def url(self) -> str:
         return self.server.url
 
+    def start(self) -> None:
+        self.server = start_tracking_server(self.root, backend_uri=self.backend_uri,
+                                            port=self.port, env=self.env)
+
     def restart(self) -> None:
         stop_process(self.server.proc)
-        self.server = start_tracking_server(self.root, port=self.port)
+        self.start()
         self.restarts += 1
 
     def stop(self) -> None:
@@ -245,8 +249,17 @@ class RestartableServer:
 
 
 @pytest.fixture
-def restartable_server(tmp_path, monkeypatch):
-    server = RestartableServer(tmp_path / "restartable")
+def restartable_server(request, tmp_path, monkeypatch):
+    """On sqlite; `@pytest.mark.parametrize("restartable_server", [...], indirect=True)` picks
+    the backend (a fresh database of the session's PostgreSQL cluster for "postgresql")."""
+    backend = getattr(request, "param", "sqlite")
+    backend_uri = env = None
+    if backend == "postgresql":
+        cluster = request.getfixturevalue("postgresql_cluster")
+        database = f"restart_{uuid.uuid4().hex[:8]}"
+        cluster.create_database(database)
+        backend_uri, env = cluster.uri(database), cluster.env()
+    server = RestartableServer(tmp_path / "restartable", backend_uri, env)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     mlflow.set_tracking_uri(server.url)
     yield server
@@ -254,6 +267,7 @@ def restartable_server(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.parametrize("restartable_server", ["sqlite", "postgresql"], indirect=True)
 def test_main_survives_tracking_server_restart_without_duplicates(restartable_server, tmp_path,
                                                                    model_name):
     """Two restarts, each while a step is at work: one mid-training (after the first epoch's
@@ -368,7 +382,7 @@ def test_a_step_rides_out_a_tracking_server_restart_and_says_so(restartable_serv
     poll(lambda: "is not answering" in capsys.readouterr().out or waiter.join(0) or
          not waiter.is_alive(), 30, "the waiting message")
     assert waiter.is_alive(), outcome  # still waiting, not failed
-    server.server = start_tracking_server(server.root, port=server.port)
+    server.start()
     waiter.join(connection.RESTART_GRACE_SECONDS)
     assert outcome == {"uri": server.url}, outcome
 
@@ -798,7 +812,12 @@ def test_auth_read_only_user_cannot_move_champion_but_loads_and_serves_it(
     # The viewer loads the champion and serves it, as README's "Running for a team" says.
     test = data.load_split(SAMPLE_DIR, "test")
     pixels = test.images[:8, None].astype(np.float32)
-    loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(pixels)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_server["url"])
+    mlflow.set_tracking_uri(auth_server["url"])
+    try:
+        loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(pixels)
+    finally:
+        mlflow.set_tracking_uri(None)
     port = free_port()
     log = tmp_path / "viewer-serve.log"
     proc = subprocess.Popen(
