@@ -36,6 +36,8 @@ java:
 # see tests/conftest.py), so module fixtures are built once; the longest groups start first
 # (--no-loadscope-reorder keeps conftest's order instead of xdist's "most tests first").
 TEST_WORKERS ?= 2
+# No __pycache__ in the checkout: tests/conftest.py fails a session that leaves anything there.
+test: export PYTHONDONTWRITEBYTECODE = 1
 test: venv postgres java
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 

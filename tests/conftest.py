@@ -24,6 +24,8 @@ from lightcycle.operations.postgres import PostgresCluster, postgres_unavailable
 from processes import free_port, stop_process, wait_for_http  # noqa: F401 - re-exported to tests
 from synthetic import FULL_SIZE, synthetic_data_dir
 
+pytest_plugins = ["strict"]  # LIGHTCYCLE_STRICT=1: skips fail the run (tests/strict.py)
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
 VENV_BIN = str(Path(sys.executable).parent)
@@ -244,6 +246,39 @@ def sample_chain(sqlite_server):
             "stdout": result.stdout, "stderr": result.stderr,
             "champion": f"models:/{SAMPLE_CHAIN_MODEL}-scripted@champion",
             "pt2_champion": f"models:/{SAMPLE_CHAIN_MODEL}-pt2@champion"}
+
+
+# --- the checkout stays as it was ------------------------------------------------------------
+# Every test writes under pytest's tmp dirs or its own temp copy of the project; anything new
+# in the checkout (ignored files included) after the session fails the run. On the controller
+# only (xdist workers share it).
+
+def checkout_listing() -> set[str] | None:
+    """What git sees in the checkout, ignored files included; None outside a git checkout."""
+    result = subprocess.run(["git", "status", "--porcelain", "--ignored=matching",
+                             "--untracked-files=all"], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        return None
+    own = (".venv", ".pytest_cache/")  # the venv `make` builds; pytest's own cache
+    return {line[3:] for line in result.stdout.splitlines() if not line[3:].startswith(own)}
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):
+        session.config._checkout_before = checkout_listing()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_checkout_before", None)
+    if before is None or hasattr(session.config, "workerinput"):
+        return
+    added = sorted((checkout_listing() or set()) - before)
+    if added:
+        session.config.get_terminal_writer().line(
+            "the tests left files in the checkout (they belong under a tmp dir): "
+            + ", ".join(added[:20]), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # --- scheduling on pytest-xdist workers (`make test` runs `-n 2 --dist loadgroup`) ----------

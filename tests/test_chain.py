@@ -262,10 +262,29 @@ def test_parity_failure_blocks_logging_and_registration(chain, tracking_uri, exp
     assert finished.data.metrics["parity_max_abs_diff"] == pytest.approx(0.01, rel=1e-3)
 
 
-def test_gate_refuses_worse_challenger_and_keeps_previous(chain, tracking_uri, experiment, model_name):
+def _untrained_deployable(name: str, tmp_path) -> str:
+    """A deployable of an untrained `cnn` (about 10% accurate), saved as the chain saves one,
+    registered as the next version of `name`."""
+    import warnings
+
+    from lightcycle.model.nets import build_net
+
+    torch.manual_seed(0)
+    archive = str(tmp_path / "model.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        export.save_archive(torch.jit.freeze(torch.jit.script(build_net("cnn").eval())), archive)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
+                                       **export.deployable_model_kwargs(archive, "torchscript"))
+    return str(info.registered_model_version)
+
+
+def test_gate_refuses_worse_challenger_and_keeps_previous(chain, tracking_uri, experiment,
+                                                          model_name, tmp_path):
     client = MlflowClient()
     # Two deployables from the chain's eager version: v1 promoted, then v2 promoted (equal
-    # accuracy is "not worse"), then v1 re-gated with an impossible bar is refused.
+    # accuracy is "not worse").
     for _ in range(2):
         with mlflow.start_run():
             export.publish(f"models:/{chain['name']}/1", "script", SAMPLE_DIR, model_name)
@@ -275,12 +294,24 @@ def test_gate_refuses_worse_challenger_and_keeps_previous(chain, tracking_uri, e
     assert client.get_model_version_by_alias(model_name, "champion").version == "2"
     assert client.get_model_version_by_alias(model_name, "previous").version == "1"
 
+    # v3, an untrained net: it clears min_accuracy=0 but is worse than the champion.
+    worse = _untrained_deployable(model_name, tmp_path)
     with mlflow.start_run() as run:
-        refused = promote.promote(model_name, 0.999, version="1", data_dir=SAMPLE_DIR)
-    assert not refused.promoted and "does not beat min_accuracy" in refused.reason
+        refused = promote.promote(model_name, 0.0, version=worse, data_dir=SAMPLE_DIR)
+    assert not refused.promoted and "is worse than the champion's" in refused.reason, refused.reason
+    assert refused.accuracy < refused.champion_accuracy and refused.champion.version == "2"
     assert client.get_model_version_by_alias(model_name, "champion").version == "2"
-    assert client.get_model_version(model_name, "1").tags["lightcycle.gate.decision"] == "rejected"
+    assert client.get_model_version_by_alias(model_name, "previous").version == "1"
+    tags = client.get_model_version(model_name, worse).tags
+    assert tags["lightcycle.gate.decision"] == "rejected"
+    assert tags["lightcycle.gate.champion_accuracy"] == f"{refused.champion_accuracy:.6g}"
     assert mlflow.get_run(run.info.run_id).data.metrics["gate_promoted"] == 0.0
+
+    # And one that does not clear min_accuracy is refused for that.
+    with mlflow.start_run():
+        low = promote.promote(model_name, 0.999, version="1", data_dir=SAMPLE_DIR)
+    assert not low.promoted and "does not beat min_accuracy" in low.reason
+    assert client.get_model_version_by_alias(model_name, "champion").version == "2"
 
 
 def test_gate_decision_rules():
@@ -300,6 +331,14 @@ def test_failed_step_then_rerun_reuses_finished_steps(chain, tracking_uri):
            if r.data.params.get("method") == "bogus"]
     assert bad and all(r.info.status == "FAILED" for r in bad)
     assert versions(chain["deployable"]) == [1]
+    # The same command with the typo fixed reuses what finished and redoes nothing.
+    trains = len(runs_of(chain["experiment"], "train"))
+    rerun = check(mlflow_run("main", {"epochs": 1, "model_name": chain["name"],
+                                      "min_accuracy": 0.2}, chain["experiment"]))
+    for step in ("train", "register", "torchscript"):
+        assert f"{step}: reusing finished run" in rerun.stdout, (step, rerun.stdout[-3000:])
+    assert len(runs_of(chain["experiment"], "train")) == trains
+    assert versions(chain["name"]) == [1] and versions(chain["deployable"]) == [1]
 
 
 @pytest.mark.backends("sqlite")  # the artifact store, not the database, is what matters here
@@ -318,27 +357,53 @@ def test_cache_miss_when_artifacts_were_deleted(tracking_uri, experiment, model_
 
 
 @pytest.mark.backends("sqlite")  # a full re-run; the flag is read before any store call
-def test_force_reruns_everything(chain, tracking_uri, tmp_path):
+def test_force_reruns_everything(chain, tracking_uri, tmp_path, model_name):
     """And a whole chain leaves nothing of its own in the temp dir: no model downloads, no
-    per-step directories (only the one the `mlflow run` CLI itself makes, and torch's cache)."""
+    per-step directories (only the one the `mlflow run` CLI itself makes, and torch's cache).
+    Under a model name of its own, so the chain's versions stay [1] for the other tests."""
     before = len(runs_of(chain["experiment"], "train"))
-    result = check(mlflow_run("main", {"epochs": 1, "model_name": chain["name"], "min_accuracy": 0.2,
+    result = check(mlflow_run("main", {"epochs": 1, "model_name": model_name, "min_accuracy": 0.2,
                                        "force": "true"}, chain["experiment"],
                               env={"TMPDIR": str(tmp_path)}))
     assert "reusing" not in result.stdout
     assert len(runs_of(chain["experiment"], "train")) == before + 1
+    assert versions(model_name) == [1] and versions(chain["name"]) == [1]
     assert not list(tmp_path.rglob("MLmodel")), "a step left a downloaded model in TMPDIR"
     left = [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor_")]
     assert len(left) <= 1 and not any(list(tmp_path.joinpath(name).iterdir()) for name in left), left
 
 
 def test_lineage_prints_the_whole_chain(chain, tracking_uri):
+    """Every line carries the values the registry and the training run hold, not just labels."""
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias(chain["deployable"], "champion")
+    tags = champion.tags
+    eager_uri = tags["lightcycle.source_version"]
+    eager = client.get_model_version(*eager_uri.removeprefix("models:/").split("/"))
+    train = client.get_run(eager.tags["lightcycle.source_run_id"])
     result = check(mlflow_run("lineage", {"model_uri": f"models:/{chain['deployable']}@champion"},
                               chain["experiment"]))
-    out = result.stdout
-    for needle in ("parity", f"models:/{chain['name']}/", "training run", "data digest",
-                   "git commit", "gate"):
-        assert needle in out, needle
+    lines = result.stdout.splitlines()
+    expected = [
+        f"models:/{chain['deployable']}@champion -> models:/{chain['deployable']}/{champion.version} "
+        "(aliases: ",
+        f"  deployable   models:/{chain['deployable']}/{champion.version}: "
+        f"{tags['lightcycle.conversion']}, parity max|diff|={tags['lightcycle.parity_max_abs_diff']}, "
+        "argmax mismatches=0",
+        f"  gate         promoted: accuracy {tags['lightcycle.gate.accuracy']} "
+        f"(min {tags['lightcycle.gate.min_accuracy']}, champion had "
+        f"{tags['lightcycle.gate.champion_accuracy'] or 'none'}), run {tags['lightcycle.gate.run_id']}",
+        f"  eager        {eager_uri}: test accuracy {eager.tags['lightcycle.test_accuracy']}",
+        f"  training run {train.info.run_id} (FINISHED): model=cnn, epochs=1, ",
+        "  git commit   " + train.data.tags.get("mlflow.source.git.commit",
+                                               "none (not a git checkout)"),
+        f"  code version {train.data.tags['lightcycle.code_version']}",
+        f"  data digest  {train.data.tags['lightcycle.data_digest']}",
+    ]
+    for line in expected:
+        assert any(printed.startswith(line) for printed in lines), (line, result.stdout[-3000:])
+    assert tags["lightcycle.gate.decision"] == "promoted"
+    assert train.data.tags["lightcycle.data_digest"] == data.dataset_digest(SAMPLE_DIR)
 
 
 def test_resolve_rejects_bad_uris(tracking_uri):

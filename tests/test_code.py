@@ -194,6 +194,8 @@ def test_ci_runs_the_readme_test_command():
     ci = (PROJECT_ROOT / ".ci/run").read_text()
     readme = (PROJECT_ROOT / "README.md").read_text()
     assert "make test" in ci and "make test" in readme
+    # Strict: a CI machine that lost a backend is red, not green with the backend skipped.
+    assert "export LIGHTCYCLE_STRICT=1" in ci
 
 
 def test_readme_layout_names_every_module():

@@ -227,9 +227,9 @@ class RestartableServer:
     """A function-scoped `mlflow server` that can be stopped and started again on the same
     backend store, artifact root and port."""
 
-    def __init__(self, root: Path):
-        self.root = root
-        self.server = start_tracking_server(root)
+    def __init__(self, root: Path, backend_uri: str | None = None, env: dict | None = None):
+        self.root, self.backend_uri, self.env = root, backend_uri, env
+        self.server = start_tracking_server(root, backend_uri=backend_uri, env=env)
         self.port = int(self.server.url.rsplit(":", 1)[1])
         self.restarts = 0
 
@@ -237,9 +237,13 @@ class RestartableServer:
     def url(self) -> str:
         return self.server.url
 
+    def start(self) -> None:
+        self.server = start_tracking_server(self.root, backend_uri=self.backend_uri,
+                                            port=self.port, env=self.env)
+
     def restart(self) -> None:
         stop_process(self.server.proc)
-        self.server = start_tracking_server(self.root, port=self.port)
+        self.start()
         self.restarts += 1
 
     def stop(self) -> None:
@@ -247,8 +251,17 @@ class RestartableServer:
 
 
 @pytest.fixture
-def restartable_server(tmp_path, monkeypatch):
-    server = RestartableServer(tmp_path / "restartable")
+def restartable_server(request, tmp_path, monkeypatch):
+    """On sqlite; `@pytest.mark.parametrize("restartable_server", [...], indirect=True)` picks
+    the backend (a fresh database of the session's PostgreSQL cluster for "postgresql")."""
+    backend = getattr(request, "param", "sqlite")
+    backend_uri = env = None
+    if backend == "postgresql":
+        cluster = request.getfixturevalue("postgresql_cluster")
+        database = f"restart_{uuid.uuid4().hex[:8]}"
+        cluster.create_database(database)
+        backend_uri, env = cluster.uri(database), cluster.env()
+    server = RestartableServer(tmp_path / "restartable", backend_uri, env)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     mlflow.set_tracking_uri(server.url)
     yield server
@@ -256,31 +269,56 @@ def restartable_server(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.parametrize("restartable_server", ["sqlite", "postgresql"], indirect=True)
 def test_main_survives_tracking_server_restart_without_duplicates(restartable_server, tmp_path,
                                                                    model_name):
+    """Two restarts, each while a step is at work: one mid-training (after the first epoch's
+    checkpoint is uploaded, so autolog is logging), one while the deployable is converted,
+    logged and registered. `main` completes on its first try, with nothing doubled."""
     server = restartable_server
+    client = MlflowClient()
     experiment = mlflow.create_experiment("restart")
-    params = {"epochs": 2, "model_name": model_name, "min_accuracy": 0.1}
+    params = {"epochs": 3, "model_name": model_name, "min_accuracy": 0.1}
     log = tmp_path / "main.log"
     proc = popen_main(params, experiment, log, env={"MLFLOW_TRACKING_URI": server.url})
-    try:
-        # 1: during training (autolog logs metrics and checkpoints every epoch).
-        poll(lambda: step_run(experiment, "train", "RUNNING") or proc.poll() is not None, 300,
-             "the train run")
-        assert proc.poll() is None, log.read_text()[-3000:]
+    outages = []
+
+    def restart_now(what: str):
+        assert proc.poll() is None, f"main exited before the restart {what}:\n" + \
+            log.read_text()[-3000:]
+        down = time.time()
         server.restart()
-        # 2: during conversion, which logs the deployable, registers it and moves `challenger`.
-        poll(lambda: step_run(experiment, "torchscript") or proc.poll() is not None, 600,
-             "the torchscript run")
-        if proc.poll() is None:
-            server.restart()
+        outages.append((what, down, time.time()))
+
+    try:
+        # 1: during training, once it has logged its first epoch (it has more to log).
+        train = poll(lambda: step_run(experiment, "train", "RUNNING") or proc.poll() is not None,
+                     300, "the train run")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        poll(lambda: checkpoint_epochs(client, train.info.run_id) or proc.poll() is not None,
+             600, "the first epoch's checkpoint")
+        restart_now("during training")
+        # 2: while torchscript runs (it logs the deployable, registers it, moves `challenger`).
+        poll(lambda: step_run(experiment, "torchscript", "RUNNING") or proc.poll() is not None,
+             600, "the torchscript run")
+        restart_now("during conversion")
     finally:
         returncode, output = finish(proc, log)
-    assert server.restarts >= 1
+    assert server.restarts == 2 and [o[0] for o in outages] == ["during training",
+                                                              "during conversion"]
     # With the bounded retries every step sets, an outage this short (one server start) is
     # ridden out: `main` completes on the first try. (A longer one fails the step with an
     # `error:` line and the same command completes on re-run; see the README.)
     assert returncode == 0, output[-4000:]
+    # Each outage fell inside the step it was meant for: training logged epochs on both sides
+    # of the first, and the conversion run spans the second.
+    (_, down, up), (_, down2, up2) = outages
+    trained = client.get_run(train.info.run_id)
+    steps = [m.timestamp / 1000 for m in client.get_metric_history(train.info.run_id, "train_loss")]
+    assert trained.info.status == "FINISHED" and len(steps) == 3, steps
+    assert min(steps) < down and max(steps) > up, (steps, down, up)
+    (conversion,) = runs_of(experiment, "torchscript")
+    assert conversion.info.start_time / 1000 < down2 and conversion.info.end_time / 1000 > up2
     for name in (model_name, registry.deployable_name(model_name)):
         found = versions(name)
         assert [v.version for v in found] == ["1"], (name, [v.version for v in found])
@@ -291,26 +329,119 @@ def test_main_survives_tracking_server_restart_without_duplicates(restartable_se
     assert not runs_of(experiment, status="RUNNING")
 
 
+def test_a_lost_create_model_version_answer_leaves_one_version(tracking_uri, experiment,
+                                                                 model_name, tmp_path):
+    """The server commits the version and its answer is lost: MLflow's client re-sends the
+    POST, the server makes a second version, and register_model deletes it again."""
+    from lossy_proxy import LossyProxy
+
+    client = MlflowClient()
+    run = client.create_run(experiment)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "MLmodel").write_text("flavors: {}\n")
+    client.log_artifacts(run.info.run_id, str(tmp_path / "model"), "model")
+    source = f"{run.info.artifact_uri}/model"
+    with LossyProxy(tracking_uri, ("/model-versions/create",)) as proxy:
+        lossy = MlflowClient(proxy.url)
+        version, created = registry.register_model(source, model_name, run.info.run_id,
+                                                   {"lightcycle.source_run_id": run.info.run_id},
+                                                   client=lossy)
+    creates = [status for method, path, status in proxy.seen
+               if path.endswith("/model-versions/create")]
+    assert creates[0] is None and len(creates) >= 2, proxy.seen  # the retry reached the server
+    assert created and version.version == "1" and version.status == "READY"
+    found = versions(model_name, client)
+    assert [(v.version, v.run_id) for v in found] == [("1", run.info.run_id)], \
+        [(v.version, v.run_id) for v in found]
+    assert found[0].tags["lightcycle.source_run_id"] == run.info.run_id
+    # Registering the same run again is a no-op that finds the one version.
+    again, created = registry.register_model(source, model_name, run.info.run_id, {}, client=client)
+    assert (again.version, created) == ("1", False)
+
+
+def test_a_step_rides_out_a_tracking_server_restart_and_says_so(restartable_server,
+                                                                monkeypatch, capsys):
+    """A step whose run exists (MLFLOW_RUN_ID set by `mlflow run`) waits for a restarting
+    server instead of failing, and says why it waits; past the grace it fails, saying so."""
+    import threading
+
+    from lightcycle.errors import UserError
+    from lightcycle.lifecycle import connection
+
+    server = restartable_server
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
+    stop_process(server.server.proc)
+    outcome = {}
+
+    def check_during_outage():
+        try:
+            outcome["uri"] = connection.check_tracking_server()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    waiter = threading.Thread(target=check_during_outage)
+    waiter.start()
+    poll(lambda: "is not answering" in capsys.readouterr().out or waiter.join(0) or
+         not waiter.is_alive(), 30, "the waiting message")
+    assert waiter.is_alive(), outcome  # still waiting, not failed
+    server.start()
+    waiter.join(connection.RESTART_GRACE_SECONDS)
+    assert outcome == {"uri": server.url}, outcome
+
+    # Past the grace: a clear error naming the wait.
+    stop_process(server.server.proc)
+    monkeypatch.setattr(connection, "RESTART_GRACE_SECONDS", 1.0)
+    with pytest.raises(UserError, match=r"Cannot reach the MLflow tracking server at .* for 1 s"):
+        connection.check_tracking_server()
+    # Outside `mlflow run` (no run yet) there is no grace: it fails at once.
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"\(ConnectionError\)\. Start it"):
+        connection.check_tracking_server()
+    assert time.monotonic() - started < 10
+
+
 # --- concurrency, load, alias following: one pair of concurrent chains -----------------------
 
 CONCURRENT_NAME = f"concurrent-{uuid.uuid4().hex[:6]}"
 
 
+LOCK_WAIT = "[lock] waiting: {lock} is held by run '{run}'"
+
+
 @pytest.fixture(scope="module")
 def two_chains(backend_server, tmp_path_factory):
     """Two `main` runs with different seeds started together against one server, once per
-    tracking backend (sqlite, PostgreSQL)."""
+    tracking backend (sqlite, PostgreSQL).
+
+    Their gates are made to contend: this process holds the deployable's promotion lock (as a
+    RUNNING run, so it is never stale) until both promotes print that they wait for it, then
+    lets go, and both go for the lock at the same moment."""
     tracking_server = backend_server
     mlflow.set_tracking_uri(tracking_server.url)
+    client = MlflowClient()
     experiment = mlflow.create_experiment(f"concurrent-{uuid.uuid4().hex[:6]}")
     tmp = tmp_path_factory.mktemp("concurrent")
     env = {"MLFLOW_TRACKING_URI": tracking_server.url}
-    procs = [(popen_main({"epochs": 1, "seed": seed, "model_name": CONCURRENT_NAME,
-                          "min_accuracy": 0.1}, experiment, tmp / f"seed{seed}.log", env),
-              tmp / f"seed{seed}.log") for seed in (1, 2)]
-    results = [finish(proc, log) for proc, log in procs]
+    deployable = registry.deployable_name(CONCURRENT_NAME)
+    holder = client.create_run(experiment).info.run_id
+    waiting = LOCK_WAIT.format(lock=deployable + promotion_lock.LOCK_SUFFIX, run=holder)
+    logs = [tmp / f"seed{seed}.log" for seed in (1, 2)]
+    with promotion_lock.promotion_lock(client, deployable, holder):
+        procs = [popen_main({"epochs": 1, "seed": seed, "model_name": CONCURRENT_NAME,
+                             "min_accuracy": 0.1}, experiment, log, env)
+                 for seed, log in zip((1, 2), logs)]
+        try:
+            poll(lambda: all(waiting in log.read_text() for log in logs)
+                 or any(proc.poll() is not None for proc in procs), 900, "both promotes to wait")
+        except BaseException:
+            for proc in procs:
+                stop_process(proc)
+            raise
+    client.set_terminated(holder)
+    results = [finish(proc, log) for proc, log in zip(procs, logs)]
     yield {"experiment": experiment, "results": results, "url": tracking_server.url,
-           "deployable": registry.deployable_name(CONCURRENT_NAME)}
+           "deployable": deployable, "holder": holder, "waiting": waiting}
     mlflow.set_tracking_uri(None)
 
 
@@ -319,6 +450,8 @@ def test_concurrent_mains_leave_one_champion_with_the_better_accuracy(two_chains
     mlflow.set_tracking_uri(two_chains["url"])
     for returncode, output in two_chains["results"]:
         assert returncode == 0, output[-4000:]
+        # Each gate waited for the lock while another held it...
+        assert two_chains["waiting"] in output, output[-4000:]
     client = MlflowClient()
     eager = versions(CONCURRENT_NAME)
     deployable = versions(two_chains["deployable"])
@@ -333,6 +466,14 @@ def test_concurrent_mains_leave_one_champion_with_the_better_accuracy(two_chains
     accuracy = {v.version: float(v.tags[promote.TAG_ACCURACY]) for v in deployable}
     assert accuracy[holders[0].version] == max(accuracy.values()), accuracy
     assert len(runs_of(two_chains["experiment"], "promote", "FINISHED")) == 2
+    # ...and, let go at the same moment, they ran one after the other: the first found no
+    # champion and took it; the second compared against the first. Two gates that overlapped
+    # would both have read "no champion" and both recorded no champion accuracy.
+    seen = {v.version: v.tags[promote.TAG_CHAMPION_ACCURACY] for v in deployable}
+    first = [version for version, champion in seen.items() if champion == ""]
+    assert len(first) == 1, seen
+    (second,) = set(seen) - set(first)
+    assert seen[second] == f"{accuracy[first[0]]:.6g}", (seen, accuracy)
 
 
 def test_concurrent_promotion_lock_serializes_read_compare_write(tracking_uri, experiment,
@@ -379,6 +520,22 @@ def test_concurrent_promotion_lock_serializes_read_compare_write(tracking_uri, e
     client.set_terminated(holder.info.run_id, "KILLED")
     with promotion_lock.promotion_lock(client, model_name, "another-run", timeout=30):
         pass
+
+    # A live holder is waited for, and past the timeout the waiter gives up naming the lock,
+    # its holder and what to do.
+    live = client.create_run(experiment).info.run_id
+    lock = model_name + promotion_lock.LOCK_SUFFIX
+    with promotion_lock.promotion_lock(client, model_name, live):
+        started = time.monotonic()
+        with pytest.raises(promotion_lock.UserError) as gave_up:
+            with promotion_lock.promotion_lock(client, model_name, "waiter", timeout=1.5,
+                                               poll=0.1):
+                pytest.fail("took a lock a live run holds")
+        assert 1.5 <= time.monotonic() - started < 30
+    assert str(gave_up.value) == (
+        f"Registered model {lock} (a lock held while `promote` moves the aliases of "
+        f"{model_name}) is held by run {live!r}. Wait for that run to finish; if it is not "
+        f"running, delete {lock} in the MLflow UI and re-run.")
 
 
 def test_lock_survives_a_killed_holder_and_contending_processes(tracking_uri, experiment,
@@ -446,11 +603,7 @@ def test_load_8_clients_30s_mixed_requests_no_5xx_correct_answers_flat_memory(se
     mix = load_serve.standard_mix(f"models:/{served['name']}/{served['version']}")
     result = load_serve.run_load(served["url"], mix, clients=8, seconds=30, warmup_seconds=5,
                                  rss=lambda: load_serve.tree_rss_kib(served["proc"].pid))
-    out = PROJECT_ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    import dataclasses
-    import json
-    (out / "load_serve_test.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    # Figures for BENCHMARKS.md come from bench/load_serve.py; the test writes nothing.
     assert result.good > 0 and result.bad > 0
     assert result.transport_errors == 0, result.examples
     assert result.server_errors == 0, result.examples
@@ -519,14 +672,19 @@ def auth_server(tmp_path_factory):
         "default_permission = READ\n"
         f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
         f"admin_username = {ADMIN}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        # MLflow's basic auth, plus bearer tokens (MLFLOW_TRACKING_TOKEN): tests/token_auth.py
+        "authorization_function = token_auth:authenticate\n")
+    token = secrets.token_urlsafe(18)
     server = start_tracking_server(
         root, extra_args=["--app-name", "basic-auth"],
         env={"MLFLOW_AUTH_CONFIG_PATH": str(config),
              # Read once, when the admin user is first created; never written to a file.
              "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
-    yield {"url": server.url, "password": password, "root": root}
+             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+             "LIGHTCYCLE_TEST_BEARER": f"{ADMIN}:{token}",
+             "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT / "tests"),
+                                            os.environ.get("PYTHONPATH", "")])})
+    yield {"url": server.url, "password": password, "root": root, "token": token}
     stop_process(server.proc)
 
 
@@ -565,6 +723,28 @@ def test_auth_chain_runs_with_credentials_from_the_environment(auth_server, auth
     assert champion.version == "1"
     server_log = (auth_server["root"] / "server.log").read_text()
     assert auth_server["password"] not in server_log
+
+
+@pytest.mark.xdist_group("faults-auth")
+def test_auth_a_token_in_mlflow_tracking_token_is_a_credential(auth_server, auth_chain):
+    """MLFLOW_TRACKING_TOKEN alone (no user, no password), through `mlflow run`; a wrong one is
+    refused naming the variable, never printing the token."""
+    check(auth_chain["result"])
+    env = {**_without_credentials(), "MLFLOW_TRACKING_URI": auth_server["url"],
+           "MLFLOW_TRACKING_TOKEN": auth_server["token"]}
+    champion = f"models:/{auth_chain['deployable']}@champion"
+    result = subprocess.run(["mlflow", "run", str(PROJECT_ROOT), "-e", "lineage", "--env-manager",
+                             "local", "-P", f"model_uri={champion}"], capture_output=True,
+                            text=True, timeout=300, env=env, cwd=PROJECT_ROOT)
+    check(result)
+    assert f"{champion} -> models:/{auth_chain['deployable']}/1 " in result.stdout, result.stdout
+    assert auth_server["token"] not in result.stdout + result.stderr
+    env["MLFLOW_TRACKING_TOKEN"] = "not-the-token"
+    refused = subprocess.run([sys.executable, "steps/lineage.py", "--model_uri", champion],
+                             capture_output=True, text=True, timeout=120, env=env, cwd=PROJECT_ROOT)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "refused the credentials of the token in MLFLOW_TRACKING_TOKEN" in refused.stderr
+    assert "not-the-token" not in refused.stdout + refused.stderr
 
 
 STEP_ARGS = {
@@ -606,7 +786,8 @@ def test_auth_every_step_fails_at_once_with_a_clear_message(auth_server, credent
 
 
 @pytest.mark.xdist_group("faults-auth")
-def test_auth_read_only_user_cannot_move_champion(auth_server, auth_chain, monkeypatch):
+def test_auth_read_only_user_cannot_move_champion_but_loads_and_serves_it(
+        auth_server, auth_chain, monkeypatch, tmp_path):
     check(auth_chain["result"])
     name = auth_chain["deployable"]
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
@@ -629,6 +810,32 @@ def test_auth_read_only_user_cannot_move_champion(auth_server, auth_chain, monke
         client.set_registered_model_alias(name, registry.CHAMPION, before)
     with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission denied"):
         client.delete_registered_model_alias(name, registry.CHAMPION)
+
+    # The viewer loads the champion and serves it, as README's "Running for a team" says.
+    test = data.load_split(SAMPLE_DIR, "test")
+    pixels = test.images[:8, None].astype(np.float32)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_server["url"])
+    mlflow.set_tracking_uri(auth_server["url"])
+    try:
+        loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(pixels)
+    finally:
+        mlflow.set_tracking_uri(None)
+    port = free_port()
+    log = tmp_path / "viewer-serve.log"
+    proc = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", f"models:/{name}@champion", "--env-manager", "local",
+         "-p", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tmp_path,
+        start_new_session=True,
+        env={**_as(auth_server["url"], "viewer", viewer_password)})
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180, log=log)
+        served = requests.post(f"http://127.0.0.1:{port}/invocations",
+                               json={"inputs": pixels.tolist()}, timeout=60)
+        assert served.status_code == 200, served.text[:2000]
+    finally:
+        stop_process(proc)
+    assert [row["class_id"] for row in served.json()["predictions"]] == list(loaded["class_id"])
+    assert viewer_password not in log.read_text()
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", auth_server["password"])

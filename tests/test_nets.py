@@ -27,6 +27,15 @@ def test_normalization_lives_inside_the_net(net):
     normalize = next(m for m in net.modules() if isinstance(m, nets.Normalize))
     x = torch.full((1, 1, 28, 28), nets.PIXEL_MEAN)
     assert torch.allclose(normalize(x), torch.zeros_like(x), atol=1e-5)
+    # ...and forward runs it, first, on the raw pixels it was given.
+    seen = []
+    handle = normalize.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    try:
+        raw = nets.example_input(2)
+        net(raw)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], raw)
 
 
 def test_torchscript_script_and_trace_match_eager(net):

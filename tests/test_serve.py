@@ -146,7 +146,7 @@ BAD_INPUTS = {
     "unknown_key": ({"pixels": [_image()]}, "inputs"),
     "two_keys": ({"inputs": [_image()], "instances": [_image()]}, "inputs"),
     "not_json": ("this is {not json", "JSON"),
-    "empty_body": ("", ""),
+    "empty_body": ("", "Expecting value: line 1 column 1 (char 0)"),
     "scalar": ({"inputs": 5}, "shape ()"),
     "batch_too_large": ({"inputs": [_image()] * 1025}, "at most 1024"),
 }

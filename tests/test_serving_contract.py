@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,39 +176,81 @@ def test_the_serve_step_refuses_booleans_too(deployable, images, tmp_path):
         stop_process(proc)
 
 
-def test_connections_to_a_uvicorn_bound_socket_get_tcp_nodelay(monkeypatch):
-    """`mlflow models serve -w N` runs `uvicorn --workers N`, whose own listening socket leaves
-    Nagle on for every connection (about 40 ms a keep-alive request; bench_served_ratio.py).
-    The deployable, loaded in a worker, puts TCP_NODELAY back. Checked on a real asyncio server
-    on a socket bound by uvicorn's own `Config.bind_socket`."""
-    import asyncio
-    import asyncio.base_events
+def _socket_inode(local_port: int, remote_port: int) -> int:
+    """The inode of the 127.0.0.1 TCP socket with these ports, from /proc/net/tcp."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(a.split(":")[1], 16) for a in fields[1:3])
+        if (local, remote) == (local_port, remote_port):
+            return int(fields[9])
+    raise AssertionError(f"no TCP socket 127.0.0.1:{local_port} <- :{remote_port}")
+
+
+def _peer_socket_option(pids: list[int], inode: int, level: int, option: int) -> tuple[int, int]:
+    """(pid, value) of a socket option on the socket `inode` that one of `pids` holds, read
+    through a duplicate of its descriptor (pidfd_getfd, Linux >= 5.6)."""
+    import ctypes
     import socket
 
-    import uvicorn
+    libc = ctypes.CDLL(None, use_errno=True)
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) != f"socket:[{inode}]":
+                    continue
+            except OSError:
+                continue
+            pidfd = os.pidfd_open(pid)
+            try:
+                dup = libc.syscall(438, pidfd, int(fd.name), 0)  # SYS_pidfd_getfd
+                assert dup >= 0, f"pidfd_getfd: errno {ctypes.get_errno()}"
+            finally:
+                os.close(pidfd)
+            sock = socket.socket(fileno=dup)
+            try:
+                return pid, sock.getsockopt(level, option)
+            finally:
+                sock.detach()
+                os.close(dup)
+    raise AssertionError(f"no process of {pids} holds socket {inode}")
 
-    from lightcycle.serving import serving_model
 
-    monkeypatch.setattr(asyncio.base_events, "_set_nodelay", asyncio.base_events._set_nodelay)
-    serving_model._keep_tcp_nodelay()
+def test_mlflow_models_serve_w2_accepts_connections_with_tcp_nodelay(deployable, images,
+                                                                     tmp_path):
+    """`mlflow models serve -w 2` runs `uvicorn --workers 2`, whose own listening socket leaves
+    Nagle on for every accepted connection (about 40 ms a keep-alive request;
+    bench_served_ratio.py). The deployable, loaded in each worker, puts TCP_NODELAY back. Read
+    on the server's side of a real keep-alive connection, in the worker that accepted it."""
+    import socket
 
-    async def accepted_nodelay() -> int:
-        listener = uvicorn.Config(app=None, host="127.0.0.1", port=0).bind_socket()
-        seen = asyncio.get_running_loop().create_future()
+    port = free_port()
+    proc = _serve([os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve",
+                   "-m", str(deployable), "--env-manager", "local", "-p", str(port), "-w", "2"],
+                  port, tmp_path / "serve.log")
+    try:
+        import http.client
 
-        class Report(asyncio.Protocol):
-            def connection_made(self, transport):
-                sock = transport.get_extra_info("socket")
-                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-                transport.close()
-
-        server = await asyncio.get_running_loop().create_server(Report, sock=listener)
+        keep_alive = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body = json.dumps({"inputs": images[:2, None].astype(np.float32).tolist()})
+        for _ in range(3):  # one connection for every request
+            keep_alive.request("POST", "/invocations", body,
+                               {"Content-Type": "application/json"})
+            response = keep_alive.getresponse()
+            assert response.status == 200, response.read()[:2000]
+            response.read()
         try:
-            _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
-            value = await asyncio.wait_for(seen, 10)
-            writer.close()
-            return value
+            client_port = keep_alive.sock.getsockname()[1]
+            tree, parents = [proc.pid], [proc.pid]
+            while parents:  # the CLI, uvicorn's supervisor, its workers
+                parents = [int(p) for parent in parents for p in subprocess.run(
+                    ["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True,
+                    text=True).stdout.split()]
+                tree += parents
+            pid, nodelay = _peer_socket_option(tree, _socket_inode(port, client_port),
+                                               socket.IPPROTO_TCP, socket.TCP_NODELAY)
         finally:
-            server.close()
-
-    assert asyncio.run(accepted_nodelay()) == 1
+            keep_alive.close()
+    finally:
+        stop_process(proc)
+    assert pid != tree[0]  # a uvicorn worker holds the connection
+    assert nodelay == 1, f"the worker's accepted socket has TCP_NODELAY={nodelay}"

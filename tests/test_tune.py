@@ -122,7 +122,17 @@ def test_train_best_sends_the_best_trial_down_the_chain(tuned, tracking_uri):
     for key, value in best["train_params"].items():
         assert train[key] == str(value), key
     assert second.data.tags["lightcycle.output_uri"] == steps["train"].data.tags["lightcycle.output_uri"]
-    assert "champion" in tuned["second_stdout"]
+    # The gate ran on the best trial's model, and its verdict is in the registry.
+    client = MlflowClient()
+    gate = steps["promote"].data.tags
+    assert gate["lightcycle.gate.decision"] == "promoted", gate  # min_accuracy=0.0
+    champion = client.get_model_version_by_alias("lightcycle-fashion-scripted", "champion")
+    assert gate["lightcycle.gate.candidate"] == f"models:/{champion.name}/{champion.version}"
+    eager = client.get_model_version(*champion.tags["lightcycle.source_version"]
+                                     .removeprefix("models:/").split("/"))
+    assert eager.tags["lightcycle.source_run_id"] == steps["train"].info.run_id
+    assert f"models:/{champion.name}/{champion.version}: PROMOTED to champion" \
+        in tuned["second_stdout"], tuned["second_stdout"][-3000:]
 
 
 @pytest.mark.slow
@@ -145,16 +155,50 @@ def test_pruned_trial_ends_killed_and_tagged(experiment, tmp_path):
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_the_documented_pruners_run_and_timeout_ends_the_study(experiment, tmp_path, pruner):
+    """The study `tune` builds from `pruner=` (median by default), consulted after every epoch;
+    `timeout=1` ends the study once the trial in progress is done, however many were asked."""
+    from lightcycle.training.tune import TuneConfig, tune
+
+    cfg = TuneConfig(n_trials=50, timeout=1, epochs=2, models="mlp", data_dir=str(SAMPLE_DIR),
+                     study_name="timed", optuna_storage=str(tmp_path / "optuna.db"),
+                     **({} if pruner == "median" else {"pruner": pruner}))
+    assert cfg.pruner == pruner
+    with mlflow.start_run() as parent:
+        study = tune(cfg)
+    if pruner == "median":
+        assert isinstance(study.pruner, optuna.pruners.MedianPruner)
+        assert (study.pruner._n_startup_trials, study.pruner._n_warmup_steps) == (3, 1)
+    else:
+        assert isinstance(study.pruner, optuna.pruners.HyperbandPruner)
+        assert (study.pruner._min_resource, study.pruner._max_resource) == (1, 2)
+    assert len(study.trials) == 1 and study.trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert sorted(study.trials[0].intermediate_values) == [0, 1]  # reported to the pruner
+    assert len(_trial_runs(experiment, parent.info.run_id)) == 1
+    assert MlflowClient().get_run(parent.info.run_id).data.params["pruner"] == pruner
+
+
 def test_continuing_with_other_settings_is_refused(tmp_path):
+    from synthetic import synthetic_data_dir
+
     from lightcycle.training.tune import TuneConfig, open_study
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    open_study(TuneConfig(epochs=1, data_dir=str(SAMPLE_DIR), study_name="s"), storage)
-    with pytest.raises(UserError, match=r"epochs: study has 1, this run asks 2.*new study_name"):
-        open_study(TuneConfig(epochs=2, data_dir=str(SAMPLE_DIR), study_name="s"), storage)
+    base = {"epochs": 1, "data_dir": str(SAMPLE_DIR), "study_name": "s"}
+    open_study(TuneConfig(**base), storage)
+    other_data = str(synthetic_data_dir(tmp_path / "other", train=64, test=32))
+    for change, detail in [({"epochs": 2}, "epochs: study has 1, this run asks 2"),
+                           ({"models": "cnn"}, "models: study has 'cnn,mlp', this run asks 'cnn'"),
+                           ({"seed": 7}, "seed: study has 42, this run asks 7"),
+                           ({"data_dir": other_data}, "data_digest: study has ")]:
+        with pytest.raises(UserError) as refused:
+            open_study(TuneConfig(**{**base, **change}), storage)
+        assert detail in str(refused.value) and "new study_name" in str(refused.value), \
+            (change, str(refused.value))
     # The same settings continue it.
-    assert open_study(TuneConfig(epochs=1, data_dir=str(SAMPLE_DIR), study_name="s"),
-                      storage).study_name == "s"
+    assert open_study(TuneConfig(**base), storage).study_name == "s"
 
 
 def test_default_storage_sits_next_to_a_sqlite_tracking_store(tmp_path, monkeypatch):

@@ -10,10 +10,11 @@ from lightcycle.errors import UserError
 
 
 def boolean(value: str) -> bool:
-    lowered = str(value).strip().lower()
+    """`-P force=` is a mistake like `-P name=`: refused with text()'s message, never read as false."""
+    lowered = text(value).lower()
     if lowered in ("true", "1", "yes", "y"):
         return True
-    if lowered in ("false", "0", "no", "n", ""):
+    if lowered in ("false", "0", "no", "n"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 

@@ -20,6 +20,7 @@ on it takes it over by rewriting its tags, and one with neither is told which pe
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import uuid
@@ -107,6 +108,7 @@ def registry_lock(client: MlflowClient, lock: str, run_id: str, timeout: float =
              TAG_LOCK_SINCE: f"{time.time():.3f}", TAG_LOCK_OWNER: owner}
     deadline = time.monotonic() + timeout
     first_seen: dict[tuple[str, str], float] = {}  # (holder, lease) -> when this waiter saw it
+    announced: set[str] = set()  # holders this waiter has said it waits for
     while True:
         if _create(client, lock, claim, f"Held while {purpose}; deleted after."):
             break
@@ -115,6 +117,10 @@ def registry_lock(client: MlflowClient, lock: str, run_id: str, timeout: float =
             break  # our create committed, its answer was lost and the retry found it
         if holder is not None:
             held_by = holder.get(TAG_LOCK_OWNER, "")
+            if held_by != FREE and held_by not in announced:  # a user sees why the step waits
+                announced.add(held_by)
+                print(f"[lock] waiting: {lock} is held by run {holder.get(TAG_LOCK_RUN)!r} "
+                      f"(held while {purpose})", file=sys.stderr, flush=True)
             seen = first_seen.setdefault((held_by, holder.get(TAG_LOCK_LEASE, "")),
                                          time.monotonic())
             if (held_by == FREE or time.monotonic() - seen > stale_after
