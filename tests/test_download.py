@@ -192,6 +192,9 @@ def test_launcher_ranks_prepare_once_with_torchvisions_mirrors(launcher, mirrors
         assert code == 0, err[-3000:]
         assert f"digest={SAMPLE_DIGEST}" in out
     _downloaded_once(good)
+    (_, rank0_out, _), (_, rank1_out, _) = outputs
+    # Rank 1 was up first, yet rank 0 downloaded and rank 1 only read what it found.
+    assert "Downloading" in rank0_out and "Downloading" not in rank1_out
 
 
 def test_slurm_ranks_share_local_rank_zeros_failure(mirrors, tmp_path):
