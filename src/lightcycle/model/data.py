@@ -296,6 +296,11 @@ def prepare_once(data_dir: str | os.PathLike, download: bool = False,
     error = _wait_for_report(marker, timeout)
     Path(f"{marker}.ack-{local_rank()}").touch()
     if error is not None:
+        # Exit after rank 0 (it removes the report once every rank has read it): the first
+        # rank to exit gets the others stopped, and rank 0's message must be out by then.
+        deadline = time.monotonic() + 10.0
+        while marker.exists() and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
         raise DataError(error)
     for split in SPLIT_FILES:
         load_split(data_dir, split)
