@@ -30,7 +30,8 @@ def test_gpu_settings_reach_the_trainer_arguments():
     cfg = TrainConfig(accelerator="gpu", devices="4", num_nodes=2, strategy="ddp",
                       precision="16-mixed", epochs=3)
     assert trainer_kwargs(cfg) == {"max_epochs": 3, "accelerator": "gpu", "devices": 4,
-                                   "num_nodes": 2, "strategy": "ddp", "precision": "16-mixed"}
+                                   "num_nodes": 2, "strategy": "ddp", "precision": "16-mixed",
+                                   "deterministic": "warn"}
     # A device list (CUDA_VISIBLE_DEVICES style) stays a string, which Lightning parses.
     assert trainer_kwargs(TrainConfig(accelerator="gpu", devices="0,1"))["devices"] == "0,1"
 
@@ -44,6 +45,38 @@ def test_devices_nodes_strategy_and_precision_reach_a_built_trainer(tmp_path):
     assert trainer.num_devices == 2 and trainer.num_nodes == 2 and trainer.world_size == 4
     assert trainer.precision == "bf16-mixed"
     assert type(trainer.accelerator).__name__ == "CPUAccelerator"
+
+
+@pytest.mark.parametrize("accelerator, expected", [("cpu", True), ("gpu", "warn"),
+                                                   ("cuda", "warn")])
+def test_determinism_is_chosen_per_accelerator(accelerator, expected):
+    # CUDA has no deterministic AdaptiveAvgPool2d backward (the cnn's head, resnet18's pool):
+    # deterministic=True would raise there at the first backward.
+    assert trainer_kwargs(TrainConfig(accelerator=accelerator))["deterministic"] == expected
+
+
+def test_a_cpu_trainer_makes_torch_deterministic(tmp_path):
+    import torch
+
+    build_trainer(TrainConfig(accelerator="cpu"), str(tmp_path), interactive=False)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_a_gpu_trainer_warns_instead_of_raising(tmp_path):
+    import torch
+
+    trainer = build_trainer(TrainConfig(accelerator="gpu"), str(tmp_path), interactive=False)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.is_deterministic_algorithms_warn_only_enabled()
+    # The cnn's AdaptiveAvgPool2d backward, which raises under deterministic=True on CUDA.
+    from lightcycle.training.trainer import build_model
+
+    module, datamodule = build_model(TrainConfig(accelerator="gpu", epochs=1))
+    trainer.fit_loop.max_batches = 2
+    trainer.fit(module, datamodule=datamodule)
 
 
 @pytest.mark.skipif(_cuda(), reason="checks the message on machines without a GPU")

@@ -166,10 +166,28 @@ def test_ddp_on_two_cpu_processes_makes_one_run_and_one_model(experiment):
     assert result.stdout.count("epoch 1/1") == 1
 
 
-def test_bf16_training_logs_a_float32_model(experiment):
-    check(mlflow_run("train", {"epochs": 1, "precision": "bf16-mixed"}, experiment))
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+_GPU = [pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("accelerator, precision", [
+    ("cpu", "bf16-mixed"),
+    pytest.param("gpu", "bf16-mixed", marks=_GPU),
+    pytest.param("gpu", "16-mixed", marks=_GPU),
+])
+def test_16_bit_training_logs_a_float32_model(experiment, accelerator, precision):
+    from lightcycle.lifecycle.model_io import logits_signature
+
+    check(mlflow_run("train", {"epochs": 1, "precision": precision,
+                               "accelerator": accelerator}, experiment))
     run = runs_of(experiment, "train", "FINISHED")[0]
     model = mlflow.pyfunc.load_model(run.data.tags["lightcycle.output_uri"])
+    assert model.metadata.signature == logits_signature()  # the float32 run's, as is
     assert model.metadata.signature.inputs.inputs[0].type == np.float32
     out = model.predict(np.zeros((2, 1, 28, 28), np.float32))
     assert out.dtype == np.float32 and out.shape == (2, 10)

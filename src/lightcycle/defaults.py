@@ -18,6 +18,7 @@ TRAIN = {
     "seed": 42,
     "data_dir": DATA_DIR,
     "download": False,
+    "data_mirror": AUTO,  # download=true: torchvision's mirrors, or the URL of a copy
     "precision": "32",
     "accelerator": "cpu",
     "devices": "1",

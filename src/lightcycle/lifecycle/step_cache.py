@@ -29,8 +29,9 @@ STEP_DEFAULTS: dict[str, dict[str, object]] = {
     "promote": {"min_accuracy": defaults.CHAIN["min_accuracy"],
                 "version": defaults.PROMOTE_VERSION, "data_dir": defaults.DATA_DIR},
 }
-# Parameters that change how a step runs, not what it produces.
-NOT_COMPARED = {"resume"}
+# Parameters that change how a step runs, not what it produces (the data is compared by its
+# digest, wherever it was downloaded from).
+NOT_COMPARED = {"resume", "data_mirror"}
 
 
 def effective_params(entry_point: str, params: dict[str, object]) -> dict[str, str]:

@@ -9,8 +9,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
 from lightcycle import defaults
+from lightcycle.model.data import CLASS_NAMES, NUM_CLASSES
 from lightcycle.model.datamodule import augment
+from lightcycle.model.evaluate import metric_safe
 from lightcycle.model.nets import build_net
 
 
@@ -28,44 +33,57 @@ class FashionClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = build_net(model, width=width, depth=depth)
+        # torchmetrics: states on the module's device, summed across ranks by compute().
+        # nan_strategy="disable": the default checks every update for NaN with .item(), a
+        # host sync per step on a GPU. validate_args=False: the labels are ours, checked once.
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
+            setattr(self, f"{stage}_acc", MulticlassAccuracy(NUM_CLASSES, average="micro",
+                                                             validate_args=False))
+        self.val_class_acc = MulticlassAccuracy(NUM_CLASSES, average=None, validate_args=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    @staticmethod
-    def _summed(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss x images, correct answers and images of one batch: summed over an epoch and
-        logged once at its end, because `self.log` costs about 1 ms a call on a 2-core CPU
-        (Lightning checks and moves its result store every time), 7% of a small net's step."""
-        return torch.stack([loss.detach().float() * len(labels),
-                            (logits.argmax(1) == labels).sum().float(),
-                            torch.tensor(float(len(labels)), device=loss.device)])
+    def _step(self, stage: str, logits: torch.Tensor, labels: torch.Tensor,
+              loss: torch.Tensor) -> None:
+        """Accumulate one batch into the stage's metrics: logged once per epoch, because
+        `self.log` costs about 1 ms a call on a 2-core CPU, 7% of a small net's step."""
+        # The batch's mean loss once per image, not weight=len(labels): with
+        # nan_strategy="disable", torchmetrics 1.9's MeanMetric drops the weights (every batch
+        # would count as much as the full ones, the last, short one included).
+        getattr(self, f"{stage}_loss").update(loss.detach().expand(len(labels)))
+        getattr(self, f"{stage}_acc").update(logits.detach(), labels)
+        if stage == "val":
+            self.val_class_acc.update(logits.detach(), labels)
 
-    def _log_means(self, stage: str, sums: torch.Tensor, **kwargs) -> None:
-        loss_sum, correct, seen = sums
-        self.log(f"{stage}_loss", loss_sum / seen, prog_bar=True, sync_dist=True, batch_size=1,
-                 **kwargs)
-        self.log(f"{stage}_acc", correct / seen, prog_bar=stage != "train", sync_dist=True,
-                 batch_size=1, **kwargs)
+    def _log_epoch(self, stage: str, **kwargs) -> None:
+        """compute() gathers the metric states of every rank, so the logged value is the whole
+        epoch's on each of them (the same number: sync_dist then averages equal values)."""
+        values = {f"{stage}_loss": getattr(self, f"{stage}_loss").compute(),
+                  f"{stage}_acc": getattr(self, f"{stage}_acc").compute()}
+        if stage == "val":
+            per_class = self.val_class_acc.compute()
+            values.update({f"val_acc_{metric_safe(name)}": per_class[i]
+                           for i, name in enumerate(CLASS_NAMES)})
+            self.val_class_acc.reset()
+        for name, value in values.items():
+            self.log(name, value, prog_bar=name in ("train_loss", "val_loss", "val_acc",
+                                                    "test_loss", "test_acc"),
+                     sync_dist=True, batch_size=1, **kwargs)
+        getattr(self, f"{stage}_loss").reset()
+        getattr(self, f"{stage}_acc").reset()
 
-    def _step(self, batch) -> None:
+    def _eval_step(self, stage: str, batch) -> None:
         images, labels = batch
         logits = self.net(images)
-        self._eval_sums += self._summed(F.cross_entropy(logits, labels), logits, labels)
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_sums = torch.zeros(3, device=self.device)
-
-    on_test_epoch_start = on_validation_epoch_start
+        self._step(stage, logits, labels, F.cross_entropy(logits, labels))
 
     def on_validation_epoch_end(self) -> None:
-        self._log_means("val", self._eval_sums)
+        self._log_epoch("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_means("test", self._eval_sums)
-
-    def on_train_epoch_start(self) -> None:
-        self._epoch_sums = torch.zeros(3, device=self.device)
+        self._log_epoch("test")
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
@@ -73,19 +91,19 @@ class FashionClassifier(L.LightningModule):
             images = augment(images)
         logits = self.net(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-        self._epoch_sums += self._summed(loss, logits, labels)
+        self._step("train", logits, labels, loss)
         # With the epoch's last batch, not in on_train_epoch_end: callbacks (the epoch line,
         # MLflow's autolog) read the epoch's metrics in their own on_train_epoch_end, which
         # Lightning calls before the module's.
         if batch_idx == self.trainer.num_training_batches - 1:
-            self._log_means("train", self._epoch_sums, on_step=False, on_epoch=True)
+            self._log_epoch("train", on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self._step(batch)
+        self._eval_step("val", batch)
 
     def test_step(self, batch, batch_idx):
-        self._step(batch)
+        self._eval_step("test", batch)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(

@@ -7,9 +7,15 @@ Only torch is needed here (no Lightning), so evaluation and conversion steps can
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
+import socket
 import struct
+import tempfile
+import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,16 +151,188 @@ def load_split(data_dir: str | os.PathLike, split: str) -> Split:
     return Split(images=images, labels=labels)
 
 
-def prepare(data_dir: str | os.PathLike, download: bool = False) -> None:
-    """Fetch the data set with torchvision when asked; afterwards it must read cleanly."""
+def prepare(data_dir: str | os.PathLike, download: bool = False,
+            mirror: str = defaults.AUTO) -> None:
+    """Fetch the data set when asked (from `mirror`, or torchvision's own mirrors for "auto");
+    afterwards it must read cleanly. One process: see prepare_once for several."""
     if download:
-        # torchvision is only needed to download; reading is ours so errors are precise.
-        from torchvision.datasets import FashionMNIST
-
-        for train in (True, False):
-            FashionMNIST(root=str(data_dir), train=train, download=True)
+        _download(Path(data_dir), mirror)
     for split in SPLIT_FILES:
         load_split(data_dir, split)
+
+
+def check_mirror(mirror: str) -> None:
+    if mirror != defaults.AUTO and urllib.parse.urlsplit(mirror).scheme not in (
+            "http", "https", "ftp", "file"):
+        raise DataError(
+            f"data_mirror={mirror!r} is not a URL: give the http(s):// address of a directory "
+            "that holds the four FashionMNIST .gz files (train-images-idx3-ubyte.gz, ...), or "
+            "auto for torchvision's mirrors.")
+
+
+def _download(data_dir: Path, mirror: str) -> None:
+    """torchvision's download (MD5 checked, then gunzipped into FashionMNIST/raw/), one file at
+    a time so that a failure names the file and the mirror it came from."""
+    check_mirror(mirror)
+    # torchvision is only needed to download; reading is ours so errors are precise.
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    mirrors = FashionMNIST.mirrors if mirror == defaults.AUTO else [mirror.rstrip("/") + "/"]
+    raw = raw_dir(data_dir)
+    if all((raw / name).is_file() for names in SPLIT_FILES.values() for name in names):
+        return  # as torchvision does: files in place are read (and checked), not fetched again
+    raw.mkdir(parents=True, exist_ok=True)
+    # Nodes that share one data_dir (a network disk) take turns: the first downloads, the
+    # others find the files in place.
+    with open(raw.parent / ".download-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for filename, md5 in FashionMNIST.resources:
+            failures = []
+            for base in mirrors:
+                url = base + filename
+                print(f"Downloading {url} to {raw}", flush=True)
+                try:
+                    download_and_extract_archive(url, download_root=str(raw), filename=filename,
+                                                 md5=md5)
+                    break
+                except RuntimeError:  # torchvision: "File not found or corrupted." (MD5)
+                    failures.append(f"{url} served a file whose MD5 is not {md5} (corrupt, "
+                                    "truncated or not FashionMNIST)")
+                except (OSError, EOFError, ValueError) as exc:  # HTTP, network, bad gzip
+                    failures.append(f"{url}: {exc}")
+                (raw / filename).unlink(missing_ok=True)
+                (raw / filename.removesuffix(".gz")).unlink(missing_ok=True)
+            else:
+                raise DataError(
+                    f"Could not download {filename} from {', '.join(mirrors)}: "
+                    f"{'; '.join(failures)}. Check data_mirror (now {mirror}), or copy the four "
+                    f"FashionMNIST files into {raw} and pass download=false.")
+
+
+# --- once per node under every launcher ------------------------------------------------------
+
+# How long the other ranks of a node wait for local rank 0's download.
+PREPARE_TIMEOUT_S = 3600.0
+_POLL_S = 0.2
+
+
+def local_rank() -> int:
+    """This process's rank on its node: LOCAL_RANK (torchrun, Spark's TorchDistributor, the
+    processes Lightning's DDP starts), SLURM_LOCALID (srun); 0 for a lone process."""
+    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def local_world_size() -> int:
+    """Processes on this node: LOCAL_WORLD_SIZE (torchrun), SLURM's tasks on this node."""
+    value = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "")
+    if value.isdigit():
+        return int(value)
+    # SLURM_STEP_TASKS_PER_NODE reads like "2(x3),1": 2 tasks on each of the first 3 nodes.
+    spec, node = os.environ.get("SLURM_STEP_TASKS_PER_NODE", ""), os.environ.get("SLURM_NODEID")
+    if spec and node and node.isdigit():
+        counts = []
+        for part in spec.split(","):
+            count, _, repeat = part.partition("(x")
+            counts += [int(count)] * int(repeat.rstrip(")") or 1)
+        if int(node) < len(counts):
+            return counts[int(node)]
+    value = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS", "")
+    return int(value) if value.isdigit() else 1
+
+
+def _started_together() -> bool:
+    """Ranks a launcher started at once (torchrun, TorchDistributor, srun), each running the
+    whole step. Lightning's own DDP starts its other ranks from inside fit, after rank 0
+    prepared: those have LOCAL_RANK but neither RANK nor SLURM's ids, and need not wait."""
+    return ("RANK" in os.environ or "SLURM_LOCALID" in os.environ) and local_world_size() > 1
+
+
+def _marker(data_dir: str | os.PathLike) -> Path:
+    """Where local rank 0 reports to the other ranks of its node: in the node's temp dir,
+    named after this launch (the launcher process, which started every local rank, by pid
+    and start time) and the data_dir, so that no report of an earlier launch is ever read."""
+    launcher = os.getppid()
+    try:
+        started = Path(f"/proc/{launcher}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = ""
+    key = f"{socket.gethostname()}|{launcher}|{started}|{Path(data_dir).resolve()}"
+    name = f"lightcycle-prepare-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return Path(tempfile.gettempdir()) / name
+
+
+def prepare_once(data_dir: str | os.PathLike, download: bool = False,
+                 mirror: str = defaults.AUTO, timeout: float = PREPARE_TIMEOUT_S) -> None:
+    """`prepare` under any launcher: local rank 0 of each node downloads (node-local disks);
+    the node's other ranks wait for it before they read or hash a file. A failure on local
+    rank 0 is raised on every rank of the node with the same message.
+
+    Works before any process group exists (the step checks data before Lightning joins the
+    ranks), so it needs nothing but the environment launchers set and the node's temp dir.
+    """
+    if not _started_together():
+        prepare(data_dir, download, mirror)
+        return
+    marker = _marker(data_dir)
+    peers = local_world_size() - 1
+    if local_rank() == 0:
+        try:
+            prepare(data_dir, download, mirror)
+        except Exception as exc:
+            _report(marker, str(exc) if isinstance(exc, DataError)
+                    else f"{type(exc).__name__}: {exc}")
+            # The launcher stops every rank once one exits: wait (a bounded time) until the
+            # others have read the message, so that each of them prints it.
+            _wait_for_acknowledgements(marker, peers, timeout=60.0)
+            raise
+        _report(marker, None)
+        _wait_for_acknowledgements(marker, peers, timeout)
+        return
+    error = _wait_for_report(marker, timeout)
+    Path(f"{marker}.ack-{local_rank()}").touch()
+    if error is not None:
+        # Exit after rank 0 (it removes the report once every rank has read it): the first
+        # rank to exit gets the others stopped, and rank 0's message must be out by then.
+        deadline = time.monotonic() + 10.0
+        while marker.exists() and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+        raise DataError(error)
+    for split in SPLIT_FILES:
+        load_split(data_dir, split)
+
+
+def _report(marker: Path, error: str | None) -> None:
+    partial = marker.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps({"error": error}))
+    partial.replace(marker)  # atomic: a waiting rank reads all of it or nothing
+
+
+def _wait_for_report(marker: Path, timeout: float) -> str | None:
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if time.monotonic() > deadline:
+            raise DataError(
+                f"Local rank 0 did not finish preparing the data within {timeout:.0f} s "
+                f"(waiting for {marker}). Check its output: it downloads (download=true) or "
+                "checks data_dir before the other ranks of the node read it.")
+        time.sleep(_POLL_S)
+    return json.loads(marker.read_text())["error"]
+
+
+def _wait_for_acknowledgements(marker: Path, peers: int, timeout: float) -> None:
+    """Local rank 0 waits until every other rank of the node has read its report, then
+    removes the report: a barrier that leaves nothing in the temp dir."""
+    deadline = time.monotonic() + timeout
+    while (len(list(marker.parent.glob(f"{marker.name}.ack-*"))) < peers
+           and time.monotonic() < deadline):
+        time.sleep(_POLL_S)
+    for path in [marker, *marker.parent.glob(f"{marker.name}.ack-*")]:
+        path.unlink(missing_ok=True)
 
 
 def dataset_digest(data_dir: str | os.PathLike) -> str:

@@ -17,15 +17,22 @@ def to_tensors(split: data.Split) -> tuple[torch.Tensor, torch.Tensor]:
 
 def augment(images: torch.Tensor, generator: torch.Generator | None = None,
             max_shift: int = 2) -> torch.Tensor:
-    """Per-image random horizontal flips and shifts of up to `max_shift` pixels."""
+    """Per-image random horizontal flips and shifts of up to `max_shift` pixels.
+
+    Every tensor made here lives on `images`' device (Lightning has already moved the batch to
+    the GPU); random draws come from `generator`'s device when one is given, then move.
+    """
     n, _, h, w = images.shape
-    flip = torch.rand(n, generator=generator) < 0.5
+    device = images.device
+    draw_on = generator.device if generator is not None else device
+    flip = (torch.rand(n, generator=generator, device=draw_on) < 0.5).to(device)
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     padded = torch.nn.functional.pad(images, (max_shift,) * 4)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (n, h, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (n, 1, w)
-    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator,
+                           device=draw_on).to(device)
+    rows = (dy[:, None] + torch.arange(h, device=device))[:, :, None]  # (n, h, 1)
+    cols = (dx[:, None] + torch.arange(w, device=device))[:, None, :]  # (n, 1, w)
+    return padded[torch.arange(n, device=device)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
 class FashionMNISTDataModule(L.LightningDataModule):

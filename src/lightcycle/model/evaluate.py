@@ -43,29 +43,44 @@ def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int =
     return torch.cat(chunks).float()
 
 
+def summarize_logits(logits: torch.Tensor, target: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss, predictions and the (true, predicted) confusion counts, on `logits`' device:
+    nothing leaves the GPU until evaluate_logits copies the results out."""
+    target = target.to(logits.device)
+    loss = torch.nn.functional.cross_entropy(logits, target)
+    predictions = logits.argmax(1)
+    confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=logits.device)
+    confusion.index_put_((target, predictions), torch.ones_like(target), accumulate=True)
+    return loss, predictions, confusion
+
+
 def evaluate_logits(logits: torch.Tensor, labels: np.ndarray) -> Evaluation:
-    target = torch.from_numpy(labels)
-    loss = torch.nn.functional.cross_entropy(logits, target).item()
-    predictions = logits.argmax(1).numpy()
-    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-    np.add.at(confusion, (labels, predictions), 1)
+    loss, predictions, confusion = (t.cpu() for t in
+                                    summarize_logits(logits, torch.from_numpy(labels)))
+    predictions, confusion = predictions.numpy(), confusion.numpy()
     totals = confusion.sum(1)
     per_class = {
         name: float(confusion[i, i] / totals[i]) if totals[i] else float("nan")
         for i, name in enumerate(CLASS_NAMES)
     }
     return Evaluation(
-        loss=loss,
+        loss=loss.item(),
         accuracy=float((predictions == labels).mean()),
         per_class_accuracy=per_class,
         confusion=confusion,
         predictions=predictions,
-        logits=logits.numpy(),
+        logits=logits.cpu().numpy(),
     )
 
 
-def evaluate(predictor: Predictor, split: Split) -> Evaluation:
-    """Evaluate a logits-producing callable (eager net, scripted module) on a split."""
+def evaluate(predictor: Predictor, split: Split, device: torch.device | str | None = None
+             ) -> Evaluation:
+    """Evaluate a logits-producing callable (eager net, scripted module) on a split; the
+    images go to `device` (default: the net's own, else the CPU)."""
     if isinstance(predictor, torch.nn.Module):
         predictor.eval()
-    return evaluate_logits(predict_logits(predictor, images_tensor(split)), split.labels)
+        if device is None:
+            device = next(iter(predictor.parameters()), torch.empty(0)).device
+    images = images_tensor(split).to(device or "cpu")
+    return evaluate_logits(predict_logits(predictor, images), split.labels)

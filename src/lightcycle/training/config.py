@@ -21,6 +21,9 @@ class TrainConfig:
     seed: int = defaults.TRAIN["seed"]
     data_dir: str = defaults.TRAIN["data_dir"]
     download: bool = defaults.TRAIN["download"]
+    # Where download=true fetches the .gz files: a URL (a copy behind a firewall), or auto
+    # for torchvision's mirrors.
+    data_mirror: str = defaults.TRAIN["data_mirror"]
     precision: str = defaults.TRAIN["precision"]
     accelerator: str = defaults.TRAIN["accelerator"]
     devices: str = defaults.TRAIN["devices"]
@@ -59,6 +62,9 @@ class TrainConfig:
         if self.learning_rate <= 0:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}.")
 
+        from lightcycle.model.data import check_mirror
+
+        check_mirror(self.data_mirror)
         self._check_launcher_world_size()
 
     def _check_launcher_world_size(self) -> None:

@@ -27,8 +27,9 @@ def train(cfg: TrainConfig) -> str | None:
     # server then stops each node at once with the same message, instead of rank 0 failing
     # alone after an epoch and the others waiting on it.
     connection.check_tracking_server()
-    if rank_zero:
-        data.prepare(cfg.data_dir, download=cfg.download)
+    # Every rank: local rank 0 of each node downloads, the others wait for it, so no rank
+    # hashes or reads a file that is still being written.
+    data.prepare_once(cfg.data_dir, cfg.download, cfg.data_mirror)
     module, datamodule = build_model(cfg)
     interactive = sys.stderr.isatty()
     with tempfile.TemporaryDirectory(prefix="lightcycle-train-") as log_dir:

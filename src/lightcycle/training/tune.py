@@ -66,6 +66,7 @@ class TuneConfig:
     seed: int = defaults.TRAIN["seed"]
     data_dir: str = defaults.TRAIN["data_dir"]
     download: bool = defaults.TRAIN["download"]
+    data_mirror: str = defaults.TRAIN["data_mirror"]  # for download: a URL, or auto
     precision: str = defaults.TRAIN["precision"]
     accelerator: str = defaults.TRAIN["accelerator"]
     num_workers: int = defaults.TRAIN["num_workers"]
@@ -96,6 +97,7 @@ class TuneConfig:
             raise UserError("study_name must not be empty.")
         if self.precision == "16-mixed" and self.accelerator != "gpu":
             raise UserError("precision=16-mixed needs accelerator=gpu; on the CPU use bf16-mixed.")
+        data.check_mirror(self.data_mirror)
         if self.train_best:
             from lightcycle.lifecycle.pipeline import parse_deployable
 
@@ -388,7 +390,7 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> op
 
     cfg.validate()
     connection.check_tracking_server()
-    data.prepare(cfg.data_dir, download=cfg.download)
+    data.prepare_once(cfg.data_dir, cfg.download, cfg.data_mirror)
     storage = storage_url(cfg.optuna_storage, mlflow.get_tracking_uri())
     # Lightning prints its device banner once per Trainer: once per trial is noise.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
