@@ -30,7 +30,7 @@ STEP_DEFAULTS: dict[str, dict[str, object]] = {
                 "version": defaults.PROMOTE_VERSION, "data_dir": defaults.DATA_DIR},
 }
 # Parameters that change how a step runs, not what it produces.
-NOT_COMPARED = {"resume"}
+NOT_COMPARED = {"resume", "spark_master", "spark_conf"}  # where, not what: same result
 
 
 def effective_params(entry_point: str, params: dict[str, object]) -> dict[str, str]:
