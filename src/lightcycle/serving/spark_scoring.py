@@ -294,6 +294,11 @@ def spark_predict(model_uri: str, input_uri: str, output: str | None, master: st
     the driver, written by the executors on local[N], through the driver on a cluster."""
     from lightcycle.spark import is_local_master, spark_job
 
+    # A cluster master named here is refused before the session starts; spark-submit's after.
+    problem = None if output is None or master.startswith("local") or not master else \
+        cluster_output_problem(output, master)
+    if problem:
+        raise UserError(problem)
     with spark_job(master, conf, "lightcycle-predict") as spark:
         local = is_local_master(spark)
         if output is None:
