@@ -19,8 +19,6 @@ JAVA_HELP = ("install a Java 17 or 21 runtime: on Debian/Ubuntu `sudo apt-get in
              "to a JDK/JRE 17+")
 
 
-
-
 def java_unavailable_reason(env: dict[str, str] | None = None) -> str | None:
     """None if a usable java is there (JAVA_HOME's, else PATH's), else what is wrong and the fix."""
     env = dict(os.environ if env is None else env)
@@ -106,8 +104,6 @@ def spark_session(master: str = "", conf: str | dict[str, str] = "", app: str = 
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("LIGHTCYCLE_SPARK_LOG_LEVEL", "ERROR"))
     return spark
-
-
 
 
 def is_local_master(spark) -> bool:
