@@ -280,6 +280,8 @@ def test_standalone_train_runs_each_rank_on_its_own_worker(spark_cluster, tracki
     assert token not in str(run.data.params) + str(run.data.tags)
     assert len(runs_of(experiment)) == 1  # the other rank created none
     assert f"logging to run {run.info.run_id}" in result.stdout + result.stderr
+    assert f"run_id={run.info.run_id} model_uri={run.data.tags['lightcycle.output_uri']}" \
+        in result.stdout
     # Rank 0 and rank 1 ran in executors of two workers (one core each): a two-node job.
     app = new_application(spark_cluster, before, "lightcycle-train")
     assert len(spark_cluster.executor_logs(app)) == 2

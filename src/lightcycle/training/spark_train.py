@@ -56,7 +56,7 @@ def train_on_spark(cfg) -> str:
 
     from lightcycle import defaults
     from lightcycle.errors import UserError
-    from lightcycle.lifecycle import connection
+    from lightcycle.lifecycle import connection, tracking
     from lightcycle.spark import require_spark, spark_job
 
     cfg.validate(this_machine_trains=False)  # the executors check their own GPUs
@@ -89,6 +89,11 @@ def train_on_spark(cfg) -> str:
                 if found:
                     raise UserError(f"a Spark training task failed: {found[1].strip()}") from None
                 raise
+        # Rank 0 printed these in its task, into the executor's log: say them here, as a local
+        # train does.
+        output = mlflow.MlflowClient().get_run(run.info.run_id).data.tags.get(
+            tracking.TAG_OUTPUT_URI, "")
+        print(f"run_id={run.info.run_id} model_uri={output}", flush=True)
         return run.info.run_id
 
 
