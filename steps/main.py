@@ -8,7 +8,8 @@ from lightcycle.cli import boolean, run_step, text
 # The train parameters `main` passes on (num_nodes, width and depth keep their defaults).
 CHAIN_TRAIN_PARAMS = ("model", "epochs", "batch_size", "learning_rate", "weight_decay", "seed",
                       "data_dir", "download", "data_mirror", "precision", "accelerator",
-                      "devices", "strategy", "num_workers")
+                      "devices", "strategy", "num_workers", "engine", "num_processes",
+                      "spark_master", "spark_conf")
 
 
 def main(argv=None):

@@ -36,13 +36,12 @@ def main(argv=None):
     connection.check_tracking_server()
     with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
         tracking.label_step_run("predict")
-        output = args.output
-        if output == defaults.AUTO:
-            output = os.path.join(tmp, "predictions.parquet" if spark else "predictions.csv")
+        output = None if args.output == defaults.AUTO else args.output
         if spark:
             master = "" if args.spark_master == defaults.AUTO else args.spark_master
             conf = "" if args.spark_conf == "none" else args.spark_conf
-            images = spark_predict(args.model_uri, args.input, output, master, conf).images
+            result = spark_predict(args.model_uri, args.input, output, master, conf, tmp)
+            images, output = result.images, result.output
             if "://" in output or output.startswith(("dbfs:", "file:")):
                 mlflow.set_tag("lightcycle.predictions_uri", output)
             else:  # the part files and _SUCCESS, not Hadoop's hidden .crc files
@@ -50,6 +49,7 @@ def main(argv=None):
                     if not part.name.startswith("."):
                         mlflow.log_artifact(str(part), "predictions")
         else:
+            output = output or os.path.join(tmp, "predictions.csv")
             images = len(batch_predict(args.model_uri, args.input, output, args.batch_size))
             mlflow.log_artifact(output, "predictions")
         mlflow.log_metric("images", images)

@@ -156,7 +156,9 @@ def test_mlproject_defaults_are_the_ones_in_defaults_py():
         "main": {**{k: defaults.TRAIN[k] for k in project["main"]["parameters"]
                     if k in defaults.TRAIN}, **defaults.CHAIN},
         "tune": {**{k: defaults.TRAIN[k] for k in ("seed", "data_dir", "download", "data_mirror",
-                                                   "precision", "accelerator", "num_workers")},
+                                                   "precision", "accelerator", "num_workers",
+                                                   "engine", "num_processes", "spark_master",
+                                                   "spark_conf")},
                  **defaults.TUNE, **{k: v for k, v in defaults.CHAIN.items() if k != "force"}},
         "register": STEP_DEFAULTS["register"],
         "torchscript": STEP_DEFAULTS["torchscript"],

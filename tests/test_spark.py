@@ -1,13 +1,16 @@
-"""`predict -P engine=spark`: mlflow.pyfunc.spark_udf on a registered champion, on local[2].
+"""`predict -P engine=spark` (mlflow.pyfunc.spark_udf on a registered champion) and
+`train -P engine=spark` (TorchDistributor), on local[2] and on a real standalone cluster.
 
-One Spark session for the in-process tests of this module; one `mlflow run . -e predict
--P engine=spark`, as a user types it, starts its own.
+One Spark session for the in-process tests of this module; each `mlflow run . -e <step>
+-P engine=spark`, as a user types it, starts its own. The `standalone` tests share one
+cluster per session (tests/spark_cluster.py).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import PROJECT_ROOT, SAMPLE_DIR, VENV_BIN, check, mlflow_run
+import test_faults as faults
+from conftest import PROJECT_ROOT, SAMPLE_DIR, VENV_BIN, check, mlflow_run, runs_of
 from lightcycle.model import data
+from spark_cluster import spark_cluster  # noqa: F401 - the session's standalone cluster
 from lightcycle.serving import spark_scoring
 from lightcycle.errors import UserError
 
@@ -234,3 +239,202 @@ def test_without_java_predict_says_what_to_install(champion, tracking_uri, exper
     assert "sudo apt-get install -y openjdk-17-jre-headless" in result.stderr
     assert "Traceback" not in result.stderr
     assert not Path(tmp_path / "out").exists()
+
+
+# --- train -P engine=spark, and both steps on a standalone cluster ---------------------------
+
+def assert_one_train_run_like_local(experiment: str, epochs: int, world_size: int = 2):
+    """The step made one train run, FINISHED, logged by rank 0 as a local train logs."""
+    client = mlflow.MlflowClient()
+    (run,) = runs_of(experiment, "train")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["engine"] == "spark"
+    assert run.data.params["world_size"] == str(world_size)
+    for metric in ("train_loss", "val_loss", "val_acc"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+        assert len(steps) == epochs, (metric, steps)  # once per epoch: rank 0 alone logs
+    assert faults.checkpoint_epochs(client, run.info.run_id) == list(range(epochs))
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoints", "model_summary.txt", "plots", "tensorboard"} <= logged
+    assert "test_accuracy" in run.data.metrics
+    assert len(run.outputs.model_outputs) == 1
+    assert run.data.tags["lightcycle.output_uri"].startswith("models:/m-")
+    return run
+
+
+def new_application(cluster, before: set[str], name: str) -> str:
+    (app,) = [a["id"] for a in cluster.applications() if a["id"] not in before
+              and a["name"] == name]
+    return app
+
+
+def test_standalone_train_runs_each_rank_on_its_own_worker(spark_cluster, tracking_uri,
+                                                           experiment):
+    before = {a["id"] for a in spark_cluster.applications()}
+    token = "tok-" + os.urandom(8).hex()  # MLflow's own credential variable, never printed
+    result = check(mlflow_run("train", {"engine": "spark", "spark_master": spark_cluster.url,
+                                        "epochs": 1, "model": "mlp"}, experiment,
+                              env={"MLFLOW_TRACKING_TOKEN": token}))
+    assert token not in result.stdout + result.stderr
+    run = assert_one_train_run_like_local(experiment, epochs=1)
+    assert token not in str(run.data.params) + str(run.data.tags)
+    assert len(runs_of(experiment)) == 1  # the other rank created none
+    assert f"logging to run {run.info.run_id}" in result.stdout + result.stderr
+    assert f"run_id={run.info.run_id} model_uri={run.data.tags['lightcycle.output_uri']}" \
+        in result.stdout
+    # Rank 0 and rank 1 ran in executors of two workers (one core each): a two-node job.
+    app = new_application(spark_cluster, before, "lightcycle-train")
+    assert len(spark_cluster.executor_logs(app)) == 2
+
+
+def parquet_input(images, folder: Path) -> Path:
+    folder.mkdir()
+    pixel_frame(images[:90]).to_parquet(folder / "a.parquet")
+    pixel_frame(images[90:]).to_parquet(folder / "b.parquet")
+    return folder
+
+
+def test_standalone_predict_auto_output_comes_back_through_the_driver(
+        champion, spark_cluster, tracking_uri, experiment, images, tmp_path):
+    from lightcycle.serving.predict import batch_predict
+
+    before = {a["id"] for a in spark_cluster.applications()}
+    folder = parquet_input(images, tmp_path / "in")
+    check(mlflow_run("predict", {"model_uri": champion, "input": folder, "engine": "spark",
+                                 "spark_master": spark_cluster.url}, experiment))
+    client = mlflow.MlflowClient()
+    (run,) = runs_of(experiment, "predict")
+    assert run.data.metrics["images"] == 180
+    # The driver wrote what the executors handed it: one part file, then the run's artifacts.
+    logged = sorted(a.path for a in client.list_artifacts(run.info.run_id, "predictions"))
+    assert logged == ["predictions/_SUCCESS", "predictions/part-00000.parquet"]
+    table = pd.read_parquet(client.download_artifacts(run.info.run_id,
+                                                      "predictions/part-00000.parquet", tmp_path))
+    pixel_frame(images).to_parquet(tmp_path / "all.parquet")
+    local = batch_predict(champion, tmp_path / "all.parquet", tmp_path / "local.csv")
+    index = [int(n.split("[")[1][:-1]) + (90 if n.startswith("b.") else 0) for n in table["name"]]
+    assert sorted(index) == list(range(180))
+    assert (local["class_id"].to_numpy()[index] == table["class_id"].to_numpy()).all()
+    # Each scoring task used one torch thread per task core (torch's own default on these
+    # workers, which have no OMP_NUM_THREADS, is one per core of the machine).
+    app = new_application(spark_cluster, before, "lightcycle-predict")
+    logs = "".join(spark_cluster.executor_logs(app).values())
+    lines = [line for line in logs.splitlines() if "lightcycle: scoring with" in line]
+    assert lines, logs[-3000:]
+    assert all(line.endswith("scoring with 1 torch thread(s) (1 task core(s))") for line in lines), lines
+
+
+def test_standalone_predict_refuses_an_output_only_executors_would_see(
+        champion, spark_cluster, tracking_uri, experiment, images, tmp_path):
+    folder = parquet_input(images, tmp_path / "in")
+    out = tmp_path / "predictions"
+    result = mlflow_run("predict", {"model_uri": champion, "input": folder, "output": out,
+                                    "engine": "spark", "spark_master": spark_cluster.url},
+                        experiment)
+    assert result.returncode != 0
+    assert f"error: output={out} is a path on this machine, but master {spark_cluster.url}" \
+        in result.stderr, result.stderr[-3000:]
+    assert "file:///<path> for a folder every node mounts, or leave output=auto" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+    (run,) = runs_of(experiment, "predict")
+    assert run.info.status == "FAILED"
+
+
+def test_main_engine_spark_completes_the_chain(tracking_uri, experiment, model_name):
+    """`mlflow run . --env-manager local -P engine=spark`: train on local[2], then the chain."""
+    check(mlflow_run("main", {"engine": "spark", "epochs": 1, "model_name": model_name,
+                              "min_accuracy": 0.1}, experiment))
+    assert_one_train_run_like_local(experiment, epochs=1)
+    for step in ("main", "register", "torchscript", "promote"):
+        assert [r.info.status for r in runs_of(experiment, step)] == ["FINISHED"], step
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias(f"{model_name}-scripted", "champion")
+    assert champion.status == "READY"
+
+
+def test_engine_spark_train_resumes_after_the_step_is_killed(tracking_uri, experiment, tmp_path):
+    params = {"engine": "spark", "epochs": 3, "model": "mlp"}
+    client = mlflow.MlflowClient()
+    log = tmp_path / "first.log"
+    first = faults.popen_main(params, experiment, log, entry_point="train")
+    try:
+        train = faults.poll(lambda: faults.step_run(experiment, "train", "RUNNING"), 300,
+                            "the train run")
+        faults.poll(lambda: faults.checkpoint_epochs(client, train.info.run_id), 600,
+                    "the first checkpoint")
+        (driver,) = faults.poll(lambda: [p for p in faults.descendants(first.pid)
+                                         if faults.argv(p)[1:2] == ["steps/train.py"]],
+                                30, "the step's process (the Spark driver)")
+        os.kill(driver, signal.SIGKILL)
+    finally:
+        returncode, output = faults.finish(first, log)
+    assert returncode != 0, output[-3000:]
+    killed = client.get_run(train.info.run_id)
+    assert killed.info.status in ("FAILED", "KILLED")
+    saved = faults.checkpoint_epochs(client, killed.info.run_id)
+    # No rank outlives the driver: none still holds the killed run.
+    marker = f"MLFLOW_RUN_ID={killed.info.run_id}".encode()
+    faults.poll(lambda: not [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
+                             if marker in faults.environ(p)], 60, "the ranks to exit")
+
+    rerun = check(mlflow_run("train", params, experiment))
+    (resumed,) = runs_of(experiment, "train", "FINISHED")
+    assert resumed.data.tags["lightcycle.resumed_from"] == killed.info.run_id
+    assert int(resumed.data.tags["lightcycle.resumed_from_epoch"]) == saved[-1]
+    assert faults.checkpoint_epochs(client, resumed.info.run_id) == list(range(saved[-1] + 1, 3))
+    out = rerun.stdout + rerun.stderr
+    assert f"rank 0: resuming from run {killed.info.run_id}" in out
+    assert f"rank 1: resuming from run {killed.info.run_id}" in out
+    assert resumed.data.params["world_size"] == "2"
+
+
+def test_engine_spark_settings_are_checked_before_anything_starts():
+    from lightcycle.training.config import TrainConfig
+
+    with pytest.raises(UserError, match="Unknown engine 'sparkk': choose one of local, spark"):
+        TrainConfig(engine="sparkk").validate()
+    with pytest.raises(UserError, match="devices=2 and num_nodes=1 do not apply: leave them at 1"):
+        TrainConfig(engine="spark", devices="2").validate()
+    with pytest.raises(UserError, match="num_processes must be at least 1"):
+        TrainConfig(engine="spark", num_processes=0).validate()
+
+
+def test_a_spark_task_gives_the_trainer_its_torchrun_layout(monkeypatch):
+    from lightcycle.training.config import TrainConfig
+    from lightcycle.training.trainer import trainer_kwargs
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # a task holding 2 GPUs: 2 processes per node
+    cfg = TrainConfig(engine="spark", num_processes=4)
+    cfg.validate()  # WORLD_SIZE 4 with devices=1, num_nodes=1 is right on Spark
+    kwargs = trainer_kwargs(cfg)
+    assert (kwargs["devices"], kwargs["num_nodes"], kwargs["strategy"]) == (2, 2, "ddp")
+    assert trainer_kwargs(TrainConfig())["devices"] == 1  # engine=local: as the user said
+
+
+def test_executor_env_carries_the_run_tracking_uri_and_credentials(monkeypatch, tmp_path):
+    from lightcycle.training.spark_train import executor_env
+
+    (tmp_path / ".mlflow").mkdir()
+    (tmp_path / ".mlflow" / "credentials").write_text(
+        "[mlflow]\nmlflow_tracking_username = alice\nmlflow_tracking_password = s3cret\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "other")
+    monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+    mlflow.set_tracking_uri(None)
+    env = executor_env("run-1", "7")
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/mlflow.db"
+    assert (env["MLFLOW_RUN_ID"], env["MLFLOW_EXPERIMENT_ID"]) == ("run-1", "7")
+    assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "s3cret")
+    assert env["MLFLOW_TRACKING_INSECURE_TLS"] == "true"
+    assert "MLFLOW_EXPERIMENT_NAME" not in env
+
+
+def test_cluster_output_problem_names_what_to_pass():
+    problem = spark_scoring.cluster_output_problem("/data/out", "spark://host:7077")
+    assert "output=/data/out is a path on this machine" in problem and "output=auto" in problem
+    for shared in ("s3a://bucket/out", "dbfs:/out", "file:///mnt/shared/out"):
+        assert spark_scoring.cluster_output_problem(shared, "spark://host:7077") is None

@@ -27,6 +27,10 @@ TRAIN = {
     "num_nodes": 1,
     "width": 0,  # 0: the net's default
     "depth": 0,
+    "engine": "local",  # spark: num_processes Spark barrier tasks (TorchDistributor)
+    "num_processes": 2,  # engine=spark only
+    "spark_master": AUTO,  # engine=spark: spark-submit's master, else local[num_processes]
+    "spark_conf": "none",
 }
 VAL_FRACTION = 0.1
 

@@ -29,9 +29,9 @@ STEP_DEFAULTS: dict[str, dict[str, object]] = {
     "promote": {"min_accuracy": defaults.CHAIN["min_accuracy"],
                 "version": defaults.PROMOTE_VERSION, "data_dir": defaults.DATA_DIR},
 }
-# Parameters that change how a step runs, not what it produces (the data is compared by its
-# digest, wherever it was downloaded from).
-NOT_COMPARED = {"resume", "data_mirror"}
+# Parameters that change how or where a step runs, not what it produces (the data is compared by
+# its digest, wherever it was downloaded from; a Spark master or conf gives the same result).
+NOT_COMPARED = {"resume", "data_mirror", "spark_master", "spark_conf"}
 
 
 def effective_params(entry_point: str, params: dict[str, object]) -> dict[str, str]:

@@ -40,9 +40,11 @@ def batch_predict(model_uri: str, input_path: str | os.PathLike, output_path: st
     return table
 
 
-def spark_predict(model_uri: str, input_uri: str, output: str, master: str = "", conf: str = ""):
+def spark_predict(model_uri: str, input_uri: str, output: str | None, master: str = "",
+                  conf: str = "", scratch: str | None = None):
     """engine=spark: same URI rules as batch_predict; returns a spark_scoring.SparkPrediction."""
     from lightcycle.serving import spark_scoring
 
     spark_scoring.require_spark()  # before resolving anything: fail fast with the fix
-    return spark_scoring.spark_predict(resolve_servable(model_uri), input_uri, output, master, conf)
+    return spark_scoring.spark_predict(resolve_servable(model_uri), input_uri, output, master, conf,
+                                       scratch)

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -42,105 +40,13 @@ from mlflow.pyfunc import PythonModel
 from lightcycle.model.data import CLASS_NAMES
 from lightcycle.errors import UserError
 from lightcycle.model.evaluate import metric_safe
+from lightcycle.spark import (  # noqa: F401 - the session code predict and train share
+    java_unavailable_reason, parse_spark_conf, require_spark, spark_session)
 
 PIXELS = 28 * 28
-LOCAL_MASTER = "local[2]"
-MIN_JAVA = 17
-JAVA_HELP = ("install a Java 17 or 21 runtime: on Debian/Ubuntu `sudo apt-get install -y "
-             "openjdk-17-jre-headless` (`make test` does it when run as root), or set JAVA_HOME "
-             "to a JDK/JRE 17+")
 IGNORED_COLUMNS = ("label", "name", "id")
 RESULT_TYPE = "class_id long, label string, probabilities array<double>"
 MAX_BAD_ROWS_SHOWN = 5
-
-
-# ---------------------------------------------------------------------------------------------
-# Java and pyspark
-
-
-def java_unavailable_reason(env: dict[str, str] | None = None) -> str | None:
-    """None if a usable java is there (JAVA_HOME's, else PATH's), else what is wrong and the fix."""
-    env = dict(os.environ if env is None else env)
-    java_home = env.get("JAVA_HOME")
-    if java_home:
-        java = os.path.join(java_home, "bin", "java")
-        if not os.access(java, os.X_OK):
-            return (f"JAVA_HOME is {java_home}, which has no bin/java. Spark needs Java: "
-                    f"{JAVA_HELP}.")
-    else:
-        java = shutil.which("java", path=env.get("PATH", ""))
-        if java is None:
-            return f"Spark needs Java and there is no `java` on PATH and no JAVA_HOME: {JAVA_HELP}."
-    try:
-        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60, env=env)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"{java} -version failed ({exc}). Spark needs Java: {JAVA_HELP}."
-    match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
-    if out.returncode != 0 or not match:
-        return f"{java} -version failed: {(out.stderr or out.stdout).strip()[:300]}. {JAVA_HELP}."
-    major = int(match[1]) if match[1] != "1" else int(match[2] or 0)
-    if major < MIN_JAVA:
-        return f"{java} is Java {major}; Spark 4 needs Java {MIN_JAVA} or newer: {JAVA_HELP}."
-    return None
-
-
-def require_spark() -> None:
-    """Fail with the fix before anything slow when pyspark or Java is missing."""
-    try:
-        import pyspark  # noqa: F401
-    except ImportError:
-        raise UserError("engine=spark needs pyspark: pip install -r requirements.txt "
-                        "(it pins pyspark).") from None
-    if os.environ.get("PYSPARK_GATEWAY_PORT"):
-        return  # started by spark-submit: its JVM is already running
-    reason = java_unavailable_reason()
-    if reason:
-        raise UserError(f"engine=spark: {reason}")
-
-
-def parse_spark_conf(text: str) -> dict[str, str]:
-    """`key=value,key=value` (commas or newlines). A piece without `=` continues the previous
-    value, so list values work: `spark.jars=a.jar,b.jar,spark.executor.memory=4g`."""
-    conf: dict[str, str] = {}
-    last = None
-    for piece in re.split(r"[,\n]", text or ""):
-        if "=" in piece and re.match(r"^\s*[A-Za-z][\w.\-]*\s*=", piece):
-            key, value = piece.split("=", 1)
-            last = key.strip()
-            conf[last] = value.strip()
-        elif piece.strip():
-            if last is None:
-                raise UserError(f"spark_conf {text!r}: {piece.strip()!r} is not key=value; write "
-                                "spark_conf as key=value,key=value (e.g. "
-                                "spark.executor.memory=4g,spark.sql.shuffle.partitions=64).")
-            conf[last] += "," + piece.strip()
-    return conf
-
-
-def spark_session(master: str = "", conf: str | dict[str, str] = ""):
-    """A SparkSession. `master` empty: the one spark-submit (or a notebook) set up, else local[2].
-
-    In local mode the executors' Python is this interpreter, the UI is off, and shuffles use as
-    many partitions as there are cores.
-    """
-    require_spark()
-    from pyspark.sql import SparkSession
-
-    settings = parse_spark_conf(conf) if isinstance(conf, str) else dict(conf)
-    builder = SparkSession.builder.appName("lightcycle-predict")
-    managed = bool(os.environ.get("PYSPARK_GATEWAY_PORT")) or SparkSession.getActiveSession()
-    if master or not managed:
-        master = master or LOCAL_MASTER
-        builder = builder.master(master)
-    if (master or "").startswith("local"):
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        settings = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
-                    "spark.sql.shuffle.partitions": "2", **settings}
-    for key, value in settings.items():
-        builder = builder.config(key, value)
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(os.environ.get("LIGHTCYCLE_SPARK_LOG_LEVEL", "ERROR"))
-    return spark
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +59,16 @@ class PixelRows(PythonModel):
     def load_context(self, context):
         import mlflow.pyfunc
 
+        import torch
+        from pyspark import TaskContext
+
+        # One torch thread per core the task holds: torch's default (every core of the machine)
+        # in each of an executor's concurrent tasks would oversubscribe its cores.
+        task = TaskContext.get()
+        if task is not None:
+            torch.set_num_threads(max(1, task.cpus()))
+            print(f"lightcycle: scoring with {torch.get_num_threads()} torch thread(s) "
+                  f"({task.cpus()} task core(s))", file=sys.stderr, flush=True)
         self.deployable = mlflow.pyfunc.load_model(context.artifacts["deployable"])
         config = getattr(self.deployable, "model_config", None) or {}
         self.max_batch = int(config.get("max_batch", 1024))
@@ -297,8 +213,12 @@ def _check_output(output: str) -> None:
                         "name a new path.")
 
 
-def score(spark, model_uri: str, input_uri: str, output: str) -> SparkPrediction:
-    """Score `input_uri` with the deployable at `model_uri` (resolved) into parquet `output`."""
+def score(spark, model_uri: str, input_uri: str, output: str,
+          through_driver: bool = False) -> SparkPrediction:
+    """Score `input_uri` with the deployable at `model_uri` (resolved) into parquet `output`.
+
+    `through_driver`: the executors hand their rows to the driver, which writes `output` (a
+    folder on its own disk) as one part file; for a cluster whose executors cannot see it."""
     import mlflow.pyfunc
     from pyspark.sql import functions as F
 
@@ -319,6 +239,8 @@ def score(spark, model_uri: str, input_uri: str, output: str) -> SparkPrediction
                    F.col("p.label").alias("label")]
         columns += [F.col("p.probabilities")[i].alias(f"p_{metric_safe(c)}")
                     for i, c in enumerate(CLASS_NAMES)]
+        if through_driver:
+            return _write_on_driver(scored.select(*columns), output, partitions)
         writer = scored.select(*columns).write
         if _is_local(output):
             writer = writer.mode("overwrite")
@@ -333,6 +255,30 @@ def score(spark, model_uri: str, input_uri: str, output: str) -> SparkPrediction
     return SparkPrediction(images, output, partitions)
 
 
+def _write_on_driver(frame, output: str, partitions: int) -> SparkPrediction:
+    import pyarrow.parquet as pq
+
+    try:
+        table = frame.toArrow()
+    except Exception as exc:
+        raise _explain(exc) from None
+    Path(output).mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, Path(output) / "part-00000.parquet")
+    (Path(output) / "_SUCCESS").touch()
+    return SparkPrediction(table.num_rows, output, partitions)
+
+
+def cluster_output_problem(output: str, master: str) -> str | None:
+    """Why executors that run away from the driver cannot write `output`, or None."""
+    if not _is_local(output):
+        return None
+    return (f"output={output} is a path on this machine, but master {master} runs the executors "
+            "on other machines: each would write its part files to its own disk. Pass a URI "
+            "that every node reaches (s3a://..., abfss://..., dbfs:/..., hdfs://...), "
+            "file:///<path> for a folder every node mounts, or leave output=auto: the "
+            "predictions then reach the run's artifacts through the driver.")
+
+
 def _explain(exc: Exception) -> Exception:
     """A deployable's InputError raised on an executor, as one clear line; anything else as is."""
     text = str(exc)
@@ -342,18 +288,23 @@ def _explain(exc: Exception) -> Exception:
     return exc
 
 
-def spark_predict(model_uri: str, input_uri: str, output: str, master: str = "",
-                  conf: str = "") -> SparkPrediction:
-    """Start (or join) a Spark session, score, stop it if we started it."""
-    require_spark()
-    from pyspark.sql import SparkSession
+def spark_predict(model_uri: str, input_uri: str, output: str | None, master: str = "",
+                  conf: str = "", scratch: str | None = None) -> SparkPrediction:
+    """Start (or join) a Spark session and score. `output` None (auto): parquet in `scratch` on
+    the driver, written by the executors on local[N], through the driver on a cluster."""
+    from lightcycle.spark import is_local_master, spark_job
 
-    existing = SparkSession.getActiveSession()
-    spark = spark_session(master, conf)
-    print(f"spark {spark.version}: master {spark.sparkContext.master}, "
-          f"{spark.sparkContext.defaultParallelism} cores", flush=True)
-    try:
+    # A cluster master named here is refused before the session starts; spark-submit's after.
+    problem = None if output is None or master.startswith("local") or not master else \
+        cluster_output_problem(output, master)
+    if problem:
+        raise UserError(problem)
+    with spark_job(master, conf, "lightcycle-predict") as spark:
+        local = is_local_master(spark)
+        if output is None:
+            return score(spark, model_uri, input_uri, os.path.join(scratch, "predictions.parquet"),
+                         through_driver=not local)
+        problem = None if local else cluster_output_problem(output, spark.sparkContext.master)
+        if problem:
+            raise UserError(problem)
         return score(spark, model_uri, input_uri, output)
-    finally:
-        if existing is None and not os.environ.get("PYSPARK_GATEWAY_PORT"):
-            spark.stop()

@@ -9,6 +9,7 @@ from lightcycle import defaults
 from lightcycle.errors import UserError
 
 PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+ENGINES = ("local", "spark")
 
 
 @dataclass
@@ -32,10 +33,15 @@ class TrainConfig:
     num_nodes: int = defaults.TRAIN["num_nodes"]
     width: int = defaults.TRAIN["width"]
     depth: int = defaults.TRAIN["depth"]
+    engine: str = defaults.TRAIN["engine"]
+    num_processes: int = defaults.TRAIN["num_processes"]
+    spark_master: str = defaults.TRAIN["spark_master"]
+    spark_conf: str = defaults.TRAIN["spark_conf"]
     val_fraction: float = defaults.VAL_FRACTION
     resume: bool = True  # continue a failed run with the same settings from its last checkpoint
 
-    def validate(self) -> None:
+    def validate(self, this_machine_trains: bool = True) -> None:
+        """`this_machine_trains` False: a Spark driver, whose executors have the GPUs (or not)."""
         from lightcycle.model.nets import NET_NAMES
 
         if self.model not in NET_NAMES:
@@ -45,7 +51,7 @@ class TrainConfig:
                 f"Unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}."
             )
         gpu_asked = self.accelerator in ("gpu", "cuda")
-        if gpu_asked and not _cuda_available():
+        if gpu_asked and this_machine_trains and not _cuda_available():
             raise UserError(
                 f"accelerator={self.accelerator} but this machine has no usable CUDA GPU "
                 "(torch.cuda.is_available() is False): use accelerator=cpu, or run on a GPU node."
@@ -56,7 +62,8 @@ class TrainConfig:
             raise UserError(
                 "precision=16-mixed needs a GPU (accelerator=gpu); on the CPU use bf16-mixed."
             )
-        for name in ("epochs", "batch_size", "num_nodes"):
+        self._check_engine()
+        for name in ("epochs", "batch_size", "num_nodes", "num_processes"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.learning_rate <= 0:
@@ -67,12 +74,28 @@ class TrainConfig:
         check_mirror(self.data_mirror)
         self._check_launcher_world_size()
 
+    def _check_engine(self) -> None:
+        if self.engine not in ENGINES:
+            raise UserError(f"Unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}.")
+        if self.engine == "spark" and (self.devices != "1" or self.num_nodes != 1):
+            raise UserError(
+                f"engine=spark starts num_processes={self.num_processes} Spark tasks, one "
+                f"training process each (one GPU each with accelerator=gpu); devices="
+                f"{self.devices} and num_nodes={self.num_nodes} do not apply: leave them at 1 "
+                "and set num_processes to the total number of processes.")
+
+    @property
+    def on_spark(self) -> bool:
+        return self.engine == "spark"
+
     def _check_launcher_world_size(self) -> None:
         """Under torchrun (or anything that sets WORLD_SIZE), the launch must match the Trainer.
 
         Lightning's own message names no launcher flags; this one says which to change.
         """
         world = os.environ.get("WORLD_SIZE")
+        if self.on_spark:  # the Spark tasks set the layout (see trainer.trainer_kwargs)
+            return
         if not world or not world.isdigit() or not self.devices.isdigit():
             return
         if int(world) != int(self.devices) * self.num_nodes:

@@ -17,7 +17,8 @@ _CHECKPOINT_TAG = "mlflow.latest_checkpoint_artifact"
 # What a failed run must share with this one to be continued: the data (by digest, not by the
 # data_dir string), the code version and every setting that changes the optimization.
 RESUME_PARAMS = ("model", "epochs", "batch_size", "learning_rate", "weight_decay", "seed",
-                 "precision", "val_fraction", "width", "depth", "devices", "num_nodes")
+                 "precision", "val_fraction", "width", "depth", "devices", "num_nodes",
+                 "engine", "num_processes")
 # Rank 0 chooses; the processes Lightning starts for the other ranks inherit its environment
 # and load exactly that checkpoint. Ranks started by another launcher (torchrun, SLURM) run the
 # same search against the same server.

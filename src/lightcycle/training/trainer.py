@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import lightning as L
@@ -29,12 +30,20 @@ def deterministic_setting(accelerator: str) -> bool | str:
 
 def trainer_kwargs(cfg: TrainConfig) -> dict[str, object]:
     """The hardware and scale settings the Trainer gets, as the user chose them."""
+    devices, num_nodes, strategy = cfg.trainer_devices, cfg.num_nodes, cfg.strategy
+    if cfg.on_spark:
+        # Each Spark task is one torchrun node with LOCAL_WORLD_SIZE processes (one, or the
+        # task's GPUs): the Trainer must describe that layout, or Lightning refuses WORLD_SIZE.
+        devices = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        num_nodes = max(1, int(os.environ.get("WORLD_SIZE", "1")) // devices)
+        if strategy == "auto" and devices * num_nodes > 1:
+            strategy = "ddp"
     return {
         "max_epochs": cfg.epochs,
         "accelerator": cfg.accelerator,
-        "devices": cfg.trainer_devices,
-        "num_nodes": cfg.num_nodes,
-        "strategy": cfg.strategy,
+        "devices": devices,
+        "num_nodes": num_nodes,
+        "strategy": strategy,
         "precision": cfg.precision,
         "deterministic": deterministic_setting(cfg.accelerator),
     }

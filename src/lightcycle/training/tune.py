@@ -76,6 +76,11 @@ class TuneConfig:
     min_accuracy: float = defaults.CHAIN["min_accuracy"]
     method: str = defaults.CHAIN["method"]
     deployable: str = defaults.CHAIN["deployable"]  # for train_best, as main's
+    # for train_best: where the best trial's training runs (the trials run here)
+    engine: str = defaults.TRAIN["engine"]
+    num_processes: int = defaults.TRAIN["num_processes"]
+    spark_master: str = defaults.TRAIN["spark_master"]
+    spark_conf: str = defaults.TRAIN["spark_conf"]
 
     @property
     def model_choices(self) -> tuple[str, ...]:
@@ -457,7 +462,9 @@ def _train_best(cfg: TuneConfig, best: optuna.trial.FrozenTrial) -> None:
               "epochs": str(cfg.train_epochs or cfg.epochs), "seed": str(cfg.seed),
               "data_dir": cfg.data_dir, "download": "false", "precision": cfg.precision,
               "accelerator": cfg.accelerator, "devices": "1", "strategy": "auto",
-              "num_workers": str(cfg.num_workers)}
+              "num_workers": str(cfg.num_workers), "engine": cfg.engine,
+              "num_processes": str(cfg.num_processes), "spark_master": cfg.spark_master,
+              "spark_conf": cfg.spark_conf}
     result = pipeline.run_pipeline(str(tracking.PROJECT_ROOT), params, cfg.model_name,
                                    cfg.min_accuracy, cfg.method, force=False,
                                    deployable=cfg.deployable)

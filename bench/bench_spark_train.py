@@ -1,0 +1,91 @@
+"""Two-process training: `train -P engine=spark` (TorchDistributor on local[2]) against Lightning's
+own DDP (`devices=2 strategy=ddp`), same data, epochs and net, side by side; and Spark's start-up.
+
+    PATH=.venv/bin:$PATH .venv/bin/python bench/bench_spark_train.py [--epochs 2] [--rounds 1]
+
+Each train is `python steps/train.py ...` as `mlflow run` starts it, against one sqlite tracking
+store in a temp dir, timed from process start to exit (`wall_s`); `fit_s` is the run's own
+`fit_seconds` metric (Trainer.fit alone). Rounds alternate DDP and Spark, so machine drift hits
+both. The Spark overhead is measured apart: a Spark session on local[2] (`session_s`) and a
+TorchDistributor run of a function that only returns (`noop_distributor_s`: two barrier tasks,
+each starting torchrun and one Python process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = {
+    "ddp_devices2": ["--devices", "2", "--strategy", "ddp"],
+    "spark_local2": ["--engine", "spark", "--num_processes", "2"],
+}
+
+
+def _noop():
+    return os.environ.get("RANK")
+
+
+def train(args: list[str], env: dict[str, str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "steps/train.py", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    run_id = next(line.split("run_id=")[1].split()[0] for line in out.stdout.splitlines()
+                  if line.startswith("run_id="))
+    return wall, run_id
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    import mlflow
+
+    figures: dict = {"load_average_at_start": os.getloadavg(), "epochs": args.epochs,
+                     "data": "data/sample (720 train / 80 val images), cnn"}
+    with tempfile.TemporaryDirectory(prefix="bench-spark-train-") as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+        client = mlflow.MlflowClient(uri)
+        for round_ in range(args.rounds):
+            for name, extra in ENGINES.items():
+                wall, run_id = train(["--epochs", str(args.epochs), "--resume", "false", *extra],
+                                     env)
+                run = client.get_run(run_id)
+                figures.setdefault(name, []).append({
+                    "wall_s": round(wall, 1), "fit_s": round(run.data.metrics["fit_seconds"], 1),
+                    "world_size": run.data.params["world_size"]})
+                print(round_, name, figures[name][-1], flush=True)
+
+        from lightcycle.spark import spark_session
+        from pyspark.ml.torch.distributor import TorchDistributor
+
+        start = time.perf_counter()
+        spark = spark_session("local[2]", app="bench")
+        figures["session_s"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        TorchDistributor(num_processes=2, local_mode=False, use_gpu=False).run(_noop)
+        figures["noop_distributor_s"] = round(time.perf_counter() - start, 1)
+        spark.stop()
+    for key in ("wall_s", "fit_s"):
+        ddp = sum(r[key] for r in figures["ddp_devices2"])
+        figures[f"spark_vs_ddp_{key}"] = round(sum(r[key] for r in figures["spark_local2"]) / ddp, 2)
+    figures["load_average_at_end"] = os.getloadavg()
+    save("spark_train", figures)
+
+
+if __name__ == "__main__":
+    main()
