@@ -155,7 +155,7 @@ def test_cache_compares_the_effective_params_canonically(chain, tracking_uri):
                  "weight_decay": "0.001", "seed": "7", "data_dir": "data/other", "download": "true",
                  "precision": "bf16-mixed", "accelerator": "gpu", "devices": "2",
                  "strategy": "ddp", "num_workers": "2", "num_nodes": "2", "width": "64",
-                 "depth": "3"}
+                 "depth": "3", "engine": "spark", "num_processes": "4"}
     assert set(different) == set(params)
     for key, value in different.items():
         assert find({**params, key: value}) is None, key

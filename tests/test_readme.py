@@ -125,8 +125,11 @@ def test_make_demo_then_the_quick_start_as_typed_on_the_default_store(clone):
         if server is not None:
             stop_process(server)
 
-    # main: the same chain the demo ran, every step reused.
-    assert out["main"].count("reusing finished run") == 4, out["main"][-3000:]
+    # main: the same chain the demo ran.
+    # train, register and torchscript are reused; the gate runs again and finds version 1
+    # already holding champion.
+    assert out["main"].count("reusing finished run") == 3, out["main"][-3000:]
+    assert "NOT promoted: version 1 already holds champion" in out["main"], out["main"][-3000:]
     # register, torchscript: version 2 of each, the deployable with `challenger`.
     assert f"registered: models:/{NAME}/2 (run {train_run_id})" in out["register"]
     assert f"registered models:/{DEPLOYABLE}/2 from models:/{NAME}/2 with alias challenger" \
