@@ -390,7 +390,7 @@ def test_lineage_prints_the_whole_chain(chain, tracking_uri):
         f"  deployable   models:/{chain['deployable']}/{champion.version}: "
         f"{tags['lightcycle.conversion']}, parity max|diff|={tags['lightcycle.parity_max_abs_diff']}, "
         "argmax mismatches=0",
-        f"  gate         promoted: accuracy {tags['lightcycle.gate.accuracy']} "
+        f"  gate         {tags['lightcycle.gate.decision']}: accuracy {tags['lightcycle.gate.accuracy']} "
         f"(min {tags['lightcycle.gate.min_accuracy']}, champion had "
         f"{tags['lightcycle.gate.champion_accuracy'] or 'none'}), run {tags['lightcycle.gate.run_id']}",
         f"  eager        {eager_uri}: test accuracy {eager.tags['lightcycle.test_accuracy']}",
@@ -402,7 +402,9 @@ def test_lineage_prints_the_whole_chain(chain, tracking_uri):
     ]
     for line in expected:
         assert any(printed.startswith(line) for printed in lines), (line, result.stdout[-3000:])
-    assert tags["lightcycle.gate.decision"] == "promoted"
+    # Earlier tests in this module gate the champion again (min_accuracy 0.99 rejects it in
+    # place), so the verdict is whichever gate ran last; lineage must print that one.
+    assert tags["lightcycle.gate.decision"] in ("promoted", "rejected")
     assert train.data.tags["lightcycle.data_digest"] == data.dataset_digest(SAMPLE_DIR)
 
 
