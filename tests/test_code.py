@@ -133,6 +133,20 @@ def test_layers_keep_their_import_rules(package):
     assert not [m for m in loaded for f in forbidden if m == f or m.startswith(f + ".")]
 
 
+def test_every_module_of_src_imports():
+    """The fast tier loads every module once, so an import-time error cannot wait for the slow
+    tier (or a user) to find it."""
+    import importlib
+    import pkgutil
+
+    import lightcycle
+
+    names = [m.name for m in pkgutil.walk_packages(lightcycle.__path__, "lightcycle.")]
+    assert len(names) > 30, names
+    for name in names:
+        importlib.import_module(name)
+
+
 def test_every_module_opens_with_what_it_is_for():
     for path in sorted(SRC.rglob("*.py")):
         doc = ast_docstring(path)

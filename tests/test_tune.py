@@ -231,6 +231,38 @@ def test_bad_tune_parameters_say_what_to_choose():
         TuneConfig(train_best=True, deployable="onnx").validate()
 
 
+def test_train_best_sends_the_spark_engine_down_the_chain():
+    """`tune -P train_best=true -P engine=spark ...` trains the best trial on Spark as `train`
+    would (the chain itself on Spark: test_spark's main engine=spark)."""
+    import yaml
+
+    from conftest import PROJECT_ROOT
+    from lightcycle.training.tune import TuneConfig, best_train_params
+
+    best = optuna.trial.create_trial(
+        params={"model": "mlp", "learning_rate": 0.002, "weight_decay": 0.0001,
+                "batch_size": 32, "mlp_width": 128, "mlp_depth": 2},
+        distributions={"model": optuna.distributions.CategoricalDistribution(["cnn", "mlp"]),
+                       "learning_rate": optuna.distributions.FloatDistribution(1e-4, 0.03),
+                       "weight_decay": optuna.distributions.FloatDistribution(1e-6, 0.01),
+                       "batch_size": optuna.distributions.CategoricalDistribution([16, 32]),
+                       "mlp_width": optuna.distributions.CategoricalDistribution([64, 128]),
+                       "mlp_depth": optuna.distributions.CategoricalDistribution([1, 2])},
+        value=0.5)
+    cfg = TuneConfig(train_best=True, engine="spark", num_processes=3,
+                     spark_master="spark://127.0.0.1:7077", spark_conf="spark.executor.cores=1",
+                     train_epochs=4)
+    params = best_train_params(cfg, best)
+    assert {k: params[k] for k in ("engine", "num_processes", "spark_master", "spark_conf")} == {
+        "engine": "spark", "num_processes": "3", "spark_master": "spark://127.0.0.1:7077",
+        "spark_conf": "spark.executor.cores=1"}
+    assert (params["model"], params["width"], params["depth"], params["epochs"]) == \
+        ("mlp", "128", "2", "4")
+    train_params = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())[
+        "entry_points"]["train"]["parameters"]
+    assert set(params) <= set(train_params), set(params) - set(train_params)
+
+
 def test_tune_imports_only_what_it_needs():
     import subprocess
     import sys

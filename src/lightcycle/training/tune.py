@@ -454,17 +454,23 @@ def _warn_if_logged_secret(run_id: str, value: str) -> None:
               flush=True)
 
 
+def best_train_params(cfg: TuneConfig, best: optuna.trial.FrozenTrial) -> dict[str, str]:
+    """The `train` params of the chain `train_best` runs: the best trial's hyperparameters,
+    and this tune run's data, precision and launch settings (a Spark `engine` included)."""
+    return {**{k: str(v) for k, v in train_params_of(best).items()},
+            "epochs": str(cfg.train_epochs or cfg.epochs), "seed": str(cfg.seed),
+            "data_dir": cfg.data_dir, "download": "false", "precision": cfg.precision,
+            "accelerator": cfg.accelerator, "devices": "1", "strategy": "auto",
+            "num_workers": str(cfg.num_workers), "engine": cfg.engine,
+            "num_processes": str(cfg.num_processes), "spark_master": cfg.spark_master,
+            "spark_conf": cfg.spark_conf}
+
+
 def _train_best(cfg: TuneConfig, best: optuna.trial.FrozenTrial) -> None:
     """Send the best trial's params down the normal chain, as children of the tune run."""
     from lightcycle.lifecycle import pipeline
 
-    params = {**{k: str(v) for k, v in train_params_of(best).items()},
-              "epochs": str(cfg.train_epochs or cfg.epochs), "seed": str(cfg.seed),
-              "data_dir": cfg.data_dir, "download": "false", "precision": cfg.precision,
-              "accelerator": cfg.accelerator, "devices": "1", "strategy": "auto",
-              "num_workers": str(cfg.num_workers), "engine": cfg.engine,
-              "num_processes": str(cfg.num_processes), "spark_master": cfg.spark_master,
-              "spark_conf": cfg.spark_conf}
+    params = best_train_params(cfg, best)
     result = pipeline.run_pipeline(str(tracking.PROJECT_ROOT), params, cfg.model_name,
                                    cfg.min_accuracy, cfg.method, force=False,
                                    deployable=cfg.deployable)

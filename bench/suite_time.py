@@ -1,0 +1,103 @@
+"""The test suite's cost: wall time and the CPU time of every process it started.
+
+    PATH=.venv/bin:$PATH .venv/bin/python -m bench.suite_time [--tier fast|full]
+
+Runs `make test` (`--tier fast`: `make test PYTEST_ARGS='-m "not slow"'`) from the repository
+root. CPU time is read from a cgroup of its own (cgroup v1 cpuacct or cgroup v2, where this
+process may create one), so servers, Spark JVMs and containers that outlive their parents still
+count; without one it falls back to the CPU time of reaped children, which misses those.
+Writes bench/results/suite_<tier>.json and the suite's output beside it (suite_<tier>.log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from bench.common import RESULTS, save
+
+ROOT = Path(__file__).resolve().parent.parent
+TIERS = {"fast": ["make", "test", "PYTEST_ARGS=-m \"not slow\""], "full": ["make", "test"]}
+CGROUP_ROOTS = (Path("/sys/fs/cgroup/cpuacct"), Path("/sys/fs/cgroup/unified"),
+                Path("/sys/fs/cgroup"))
+
+
+def _own_cgroup() -> Path | None:
+    for root in CGROUP_ROOTS:
+        if (root / "cpuacct.usage").exists() or (root / "cgroup.procs").exists():
+            group = root / f"lightcycle-suite-{uuid.uuid4().hex[:8]}"
+            try:
+                group.mkdir()
+            except OSError:
+                continue
+            if (group / "cpuacct.usage").exists() or (group / "cpu.stat").exists():
+                return group
+            group.rmdir()
+    return None
+
+
+def _cpu_seconds(group: Path) -> float:
+    if (group / "cpuacct.usage").exists():
+        return int((group / "cpuacct.usage").read_text()) / 1e9
+    usage = re.search(r"usage_usec (\d+)", (group / "cpu.stat").read_text())
+    return int(usage[1]) / 1e6
+
+
+def measure(tier: str) -> dict:
+    group = _own_cgroup()
+    enter = None
+    if group is not None:
+        def enter():  # runs in the child before exec: make and all it starts stay in the group
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    result = subprocess.run(TIERS[tier], cwd=ROOT, preexec_fn=enter, capture_output=True,
+                            text=True)
+    wall = time.perf_counter() - start
+    log = RESULTS / f"suite_{tier}.log"
+    log.parent.mkdir(exist_ok=True)
+    log.write_text(result.stdout + result.stderr)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    reaped = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    summary = [line for line in result.stdout.splitlines() if re.match(r"^=+ .* in [\d.]+s", line)]
+    pytest_s = re.search(r" in ([\d.]+)s", summary[-1]) if summary else None
+    figures = {"tier": tier, "command": " ".join(TIERS[tier]), "exit_code": result.returncode,
+               "wall_s": round(wall, 1), "pytest_wall_s": float(pytest_s[1]) if pytest_s else None,
+               "summary": summary[-1].strip("= ") if summary else result.stdout[-500:],
+               "cpu_s": round(_cpu_seconds(group), 1) if group else None,
+               "cpu_s_reaped_children": round(reaped, 1),
+               "cpu_source": f"cgroup {group}" if group else "reaped children only"}
+    if group is not None:
+        try:
+            group.rmdir()
+        except OSError:
+            pass  # a process the suite left behind still holds it; the figure stands
+    return figures
+
+
+def table(figures: dict) -> str:
+    return ("| tier | command | pytest wall | CPU, everything it started | result |\n"
+            "|---|---|---|---|---|\n"
+            f"| {figures['tier']} | `{figures['command']}` | {figures['pytest_wall_s']} s | "
+            f"{figures['cpu_s'] or figures['cpu_s_reaped_children']} s | {figures['summary']} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tier", choices=sorted(TIERS), default="fast")
+    args = parser.parse_args()
+    figures = measure(args.tier)
+    save(f"suite_{args.tier}", figures)
+    print(table(figures))
+    sys.exit(figures["exit_code"])
+
+
+if __name__ == "__main__":
+    main()
