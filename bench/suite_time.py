@@ -24,7 +24,7 @@ from pathlib import Path
 from bench.common import RESULTS, save
 
 ROOT = Path(__file__).resolve().parent.parent
-TIERS = {"fast": ["make", "test", "PYTEST_ARGS=-m \"not slow\""], "full": ["make", "test"]}
+TIERS = {"fast": '-m "not slow"', "full": ""}
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/cpuacct"), Path("/sys/fs/cgroup/unified"),
                 Path("/sys/fs/cgroup"))
 
@@ -50,7 +50,12 @@ def _cpu_seconds(group: Path) -> float:
     return int(usage[1]) / 1e6
 
 
-def measure(tier: str) -> dict:
+def command(tier: str, extra: str = "") -> list[str]:
+    args = " ".join(a for a in (TIERS[tier], extra) if a)
+    return ["make", "test"] + ([f"PYTEST_ARGS={args}"] if args else [])
+
+
+def measure(tier: str, extra: str = "") -> dict:
     group = _own_cgroup()
     enter = None
     if group is not None:
@@ -58,7 +63,7 @@ def measure(tier: str) -> dict:
             (group / "cgroup.procs").write_text(str(os.getpid()))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    result = subprocess.run(TIERS[tier], cwd=ROOT, preexec_fn=enter, capture_output=True,
+    result = subprocess.run(command(tier, extra), cwd=ROOT, preexec_fn=enter, capture_output=True,
                             text=True)
     wall = time.perf_counter() - start
     log = RESULTS / f"suite_{tier}.log"
@@ -68,7 +73,7 @@ def measure(tier: str) -> dict:
     reaped = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     summary = [line for line in result.stdout.splitlines() if re.match(r"^=+ .* in [\d.]+s", line)]
     pytest_s = re.search(r" in ([\d.]+)s", summary[-1]) if summary else None
-    figures = {"tier": tier, "command": " ".join(TIERS[tier]), "exit_code": result.returncode,
+    figures = {"tier": tier, "command": " ".join(command(tier, extra)), "exit_code": result.returncode,
                "wall_s": round(wall, 1), "pytest_wall_s": float(pytest_s[1]) if pytest_s else None,
                "summary": summary[-1].strip("= ") if summary else result.stdout[-500:],
                "cpu_s": round(_cpu_seconds(group), 1) if group else None,
@@ -92,8 +97,9 @@ def table(figures: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tier", choices=sorted(TIERS), default="fast")
+    parser.add_argument("--pytest-args", default="", help="more pytest arguments, e.g. --durations=40")
     args = parser.parse_args()
-    figures = measure(args.tier)
+    figures = measure(args.tier, args.pytest_args)
     save(f"suite_{args.tier}", figures)
     print(table(figures))
     sys.exit(figures["exit_code"])

@@ -33,14 +33,17 @@ def monkeypatch_module():
 
 def test_main_runs_train_register_torchscript_and_promote_to_a_champion(chain):
     client = MlflowClient()
-    (main,) = runs_of(chain["experiment"], "main", status="FINISHED")
+    # The chain's own main is the first; later tests of the group run more in this experiment.
+    main = min(runs_of(chain["experiment"], "main", status="FINISHED"),
+               key=lambda run: run.info.start_time)
     children = client.search_runs([chain["experiment"]],
                                   f"tags.`mlflow.parentRunId` = '{main.info.run_id}'")
     steps = sorted(r.data.tags["mlflow.project.entryPoint"] for r in children
                    if r.info.status == "FINISHED")
     assert set(CHAIN_STEPS) <= set(steps), steps
     champion = client.get_model_version_by_alias(chain["name"] + "-scripted", "champion")
-    assert champion.tags["lightcycle.gate.decision"] == "promoted"
+    # "champion": a later test of the group ran the gate again on the same version.
+    assert champion.tags["lightcycle.gate.decision"] in ("promoted", "champion")
 
 
 def test_lineage_step_prints_the_champion_and_its_training_run(chain):
@@ -92,13 +95,14 @@ def test_serve_step_answers_a_batch_with_class_probabilities(chain, tracking_ser
 
 
 def test_tune_step_runs_a_study_as_a_parent_with_its_trial(chain, tmp_path):
+    # An experiment of its own: trial runs are not entry-point runs (test_ui reads the chain's).
+    experiment = MlflowClient().create_experiment("fast-tier-tune")
     result = check(mlflow_run("tune", {"n_trials": 1, "epochs": 1, "models": "mlp",
                                        "study_name": "fast-tier",
-                                       "optuna_storage": tmp_path / "optuna.db"},
-                              chain["experiment"]))
-    (parent,) = runs_of(chain["experiment"], "tune", status="FINISHED")
+                                       "optuna_storage": tmp_path / "optuna.db"}, experiment))
+    (parent,) = runs_of(experiment, "tune", status="FINISHED")
     trials = MlflowClient().search_runs(
-        [chain["experiment"]], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        [experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert [r.info.status for r in trials] == ["FINISHED"], result.stdout[-2000:]
     assert parent.data.tags["lightcycle.best_trial_run"] == trials[0].info.run_id
     assert parent.data.metrics["trials_complete"] == 1

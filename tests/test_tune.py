@@ -319,9 +319,10 @@ def test_a_killed_tune_resumes_its_study_instead_of_starting_over(experiment, tm
     from lightcycle.training.tune import TRIAL_WORKER
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    # Two epochs per trial leave a few seconds to kill it inside trial 1.
+    # Ten MLP epochs per trial leave a few seconds to kill it inside trial 1, even on a quiet
+    # machine (two epochs took under a second there: the kill came after tune had finished).
     cmd = [sys.executable, str(PROJECT_ROOT / "steps/tune.py"), "--n_trials", "2",
-           "--epochs", "2", "--models", "mlp", "--study_name", "crash",
+           "--epochs", "10", "--models", "mlp", "--study_name", "crash",
            "--optuna_storage", str(tmp_path / "optuna.db"), "--data_dir", str(SAMPLE_DIR)]
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
