@@ -1,0 +1,1 @@
+"""Benchmarks, by concern; run each from the repository root with `python -m bench.<area>.<name>`."""
