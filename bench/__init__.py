@@ -1,1 +1,1 @@
-"""Benchmarks, by concern; run each from the repository root with `python -m bench.<area>.<name>`."""
+"""Benchmarks by concern, each run from the repository root: `python -m bench.<area>.<name>`."""
