@@ -4,6 +4,7 @@ machinery (tests/processes.py: free ports, waiting for HTTP, stopping process gr
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -34,6 +35,16 @@ def save(name: str, figures: dict) -> None:
     figures = {"machine": machine(), **figures}
     (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures, indent=2))
+
+
+def rounds_parser(doc: str, rounds: int, seconds: float) -> argparse.ArgumentParser:
+    """The command line of a benchmark that measures in `--rounds` of `--seconds` per figure;
+    --help prints `doc` as it is written."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--seconds", type=float, default=seconds)
+    return parser
 
 
 def child_env(**extra: str) -> dict[str, str]:

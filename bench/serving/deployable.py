@@ -32,7 +32,6 @@ to eager's on those and on 18 shifted/mirrored copies of each (export.synthetic_
 
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import os
@@ -44,7 +43,7 @@ import warnings
 import torch
 from torch import nn
 
-from bench.common import markdown_table, save, trained_cnn
+from bench.common import markdown_table, rounds_parser, save, trained_cnn
 from lightcycle.lifecycle import export
 from lightcycle.model import data
 from lightcycle.model.evaluate import images_tensor, predict_logits
@@ -193,12 +192,9 @@ def quality(module, reference: export.Reference) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = rounds_parser(__doc__, rounds=5, seconds=1.0)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--state", help="a CNN state_dict to use instead of training")
-    parser.add_argument("--seconds", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-onnx", action="store_true")
     parser.add_argument("--pt2e", action="store_true")

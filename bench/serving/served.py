@@ -28,7 +28,6 @@ Prints JSON (and writes bench/results/served.json).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -45,7 +44,7 @@ import requests
 import torch
 
 from bench.common import (ROOT, VENV_BIN, child_env, file_at, free_port, images_per_second,
-                          markdown_table, save, trained_cnn)
+                          markdown_table, rounds_parser, save, trained_cnn)
 from bench.common import stop_process as stop
 from lightcycle.lifecycle import export, model_io
 from lightcycle.model import data
@@ -190,10 +189,7 @@ def median_of(rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=4.0)
+    parser = rounds_parser(__doc__, rounds=3, seconds=4.0)
     parser.add_argument("--latency-requests", type=int, default=300)
     parser.add_argument("--reference-rev", default="1879355")
     parser.add_argument("--eager-uri", default="", help="a trained eager model to use")

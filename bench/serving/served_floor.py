@@ -29,7 +29,6 @@ the same code for both servers. Writes bench/results/served_floor.json.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import http.client
 import json
@@ -45,7 +44,7 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
-from bench.common import child_env, free_port, markdown_table, save, trained_cnn
+from bench.common import child_env, free_port, markdown_table, rounds_parser, save, trained_cnn
 from bench.common import stop_process as stop
 from bench.serving.served import (b64_body, chain_deployable, in_process, json_body, models_serve,
                                   with_wrapper_at)
@@ -215,10 +214,7 @@ def summarize(values: list[float]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser = rounds_parser(__doc__, rounds=3, seconds=3.0)
     parser.add_argument("--latency-requests", type=int, default=400)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)

@@ -22,7 +22,6 @@ Ratios are per round; the medians over rounds are reported. Writes bench/results
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import os
 import statistics
@@ -34,7 +33,7 @@ import warnings
 
 import torch
 
-from bench.common import child_env, free_port, markdown_table, save, trained_cnn
+from bench.common import child_env, free_port, markdown_table, rounds_parser, save, trained_cnn
 from bench.common import stop_process as stop
 from bench.serving.served import (b64_body, chain_deployable, in_process, models_serve,
                                   with_wrapper_at)
@@ -78,10 +77,7 @@ def served(port: int, body: bytes, clients: int, seconds: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser = rounds_parser(__doc__, rounds=5, seconds=3.0)
     parser.add_argument("--train-epochs", type=int, default=3)
     parser.add_argument("--before-rev", default="33aa55c",
                         help="the revision whose serving_model.py is the workers=2 'before'")

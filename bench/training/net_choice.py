@@ -14,7 +14,6 @@ deployable, interleaved rounds over all candidates (medians), on the first seed'
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
@@ -22,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 
-from bench.common import images_per_second, markdown_table, save, trained_cnn
+from bench.common import images_per_second, markdown_table, rounds_parser, save, trained_cnn
 from lightcycle.lifecycle import export
 from lightcycle.model import data
 from lightcycle.model.nets import CNN, NUM_CLASSES, Normalize, _conv_block
@@ -85,11 +84,9 @@ def train(name: str, epochs: int, seed: int) -> nn.Module:
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = rounds_parser(__doc__, rounds=2, seconds=2.0)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
     args = parser.parse_args()
     data_dir = str(data.default_data_dir())
