@@ -70,7 +70,7 @@ def cell(value) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4g}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         return ", ".join(cell(v) for v in value)
     return str(value).replace("|", "\\|").replace("\n", " ")
@@ -78,7 +78,7 @@ def cell(value) -> str:
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
     """One markdown table; numbers with thousands separators, at most 4 significant digits
-    below 100."""
+    below 1,000."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

@@ -53,6 +53,14 @@ class Benchmark:
     def timeout_s(self) -> int:
         return 2 * self.estimate_s + 60
 
+    @property
+    def log(self) -> str:
+        return f"bench/results/{self.results}.log"
+
+    @property
+    def saved(self) -> str:
+        return f"bench/results/{self.results}.json"
+
 
 # In the order of AREAS; together about 13.5 minutes. Each estimate, from the settings and what
 # BENCHMARKS.md measured: imports and start-ups first, since on 2 cores they cost more than the
@@ -107,9 +115,8 @@ def stop(proc: subprocess.Popen) -> None:
 def run(benchmark: Benchmark) -> tuple[str | None, float]:
     """Runs one benchmark: (None, or what went wrong in a line; seconds)."""
     RESULTS.mkdir(exist_ok=True)
-    log = RESULTS / f"{benchmark.results}.log"
     start = time.time()
-    with log.open("w") as out:
+    with (ROOT / benchmark.log).open("w") as out:
         # A session of its own: stopping its group must not stop this process.
         proc = subprocess.Popen([sys.executable, "-m", f"bench.{benchmark.module}",
                                  *benchmark.args], cwd=ROOT, env=child_env(), stdout=out,
@@ -125,28 +132,27 @@ def run(benchmark: Benchmark) -> tuple[str | None, float]:
     seconds = time.time() - start
     if code != 0:
         return f"failed with exit status {code}", seconds
-    saved = RESULTS / f"{benchmark.results}.json"
+    saved = ROOT / benchmark.saved
     if not saved.exists() or saved.stat().st_mtime < start:
-        return f"exited 0 but wrote no {saved.relative_to(ROOT)}", seconds
+        return f"exited 0 but wrote no {benchmark.saved}", seconds
     return None, seconds
 
 
-def section(benchmark: Benchmark, problem: str | None, seconds: float) -> str:
+def section(benchmark: Benchmark, seconds: float, figures: dict | None = None,
+            problem: str | None = None, log_tail: list[str] = ()) -> str:
+    """The report on one benchmark: what it measures, the command, then the machine and the
+    table of its `figures`, or the `problem` and the end of its log."""
     module = importlib.import_module(f"bench.{benchmark.module}")
     what = " ".join(module.__doc__.strip().split("\n\n")[0].split())
     lines = [f"### {benchmark.module}", "", what, "", f"    {benchmark.command}", ""]
-    log = (RESULTS / f"{benchmark.results}.log").relative_to(ROOT)
     if problem:
-        tail = (ROOT / log).read_text().rstrip().splitlines()[-5:]
-        return "\n".join(lines + [f"**{problem}** ({minutes(seconds)}); the end of {log}:", "",
-                                  *(f"    {line}" for line in tail)])
-    figures = json.loads((RESULTS / f"{benchmark.results}.json").read_text())
+        return "\n".join([*lines, f"**{problem}** ({minutes(seconds)}); the end of "
+                                   f"{benchmark.log}:", "", *(f"    {line}" for line in log_tail)])
     lines += [f"{figures['machine']}; took {minutes(seconds)}", ""]
     try:
         lines.append(module.table(figures))
     except Exception as exc:  # one table that no longer fits its figures leaves the others
-        lines.append(f"**no table**: {type(exc).__name__}: {exc} (figures in "
-                     f"bench/results/{benchmark.results}.json)")
+        lines.append(f"**no table**: {type(exc).__name__}: {exc} (figures in {benchmark.saved})")
     return "\n".join(lines)
 
 
@@ -188,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
                     else f"done in {minutes(seconds)}"))
         if problem:
             failed.append(benchmark.module)
+            tail = (ROOT / benchmark.log).read_text().rstrip().splitlines()[-5:]
+            text = section(benchmark, seconds, problem=problem, log_tail=tail)
+        else:
+            text = section(benchmark, seconds, json.loads((ROOT / benchmark.saved).read_text()))
         if benchmark.area != area:
             area = benchmark.area
             print(f"\n## {AREAS[area]}")
-        print("\n" + section(benchmark, problem, seconds), flush=True)
+        print(f"\n{text}", flush=True)
     summary = (f"{len(benchmarks)} benchmarks in {minutes(time.time() - started)}"
                + (f"; failed or out of time: {', '.join(failed)}" if failed else ""))
     progress(summary)

@@ -322,7 +322,7 @@ def table(figures: dict) -> str:
             [f"{figures['clients']} clients, errors (most in a round)",
              *[row["concurrent_errors"]["max"] for row in servers.values()]]]
     for goal, (sense, bound) in GOALS.items():
-        rows.append([f"{goal} (goal {sense} {bound})"] + [
+        rows.append([f"{goal.replace('_', ' ')} (goal {sense} {bound})"] + [
             f"{row['ratios'][goal]['median']} {figures['goals'][f'{name}: {goal} {sense} {bound}']}"
             if "ratios" in row else "" for name, row in servers.items()])
     return markdown_table(["measure", *servers], rows)

@@ -88,7 +88,7 @@ def main():
 
 
 def table(figures: dict) -> str:
-    rows = [[key.removeprefix("images_"), row["local_s"], row["local_images_per_s"],
+    rows = [[int(key.removeprefix("images_")), row["local_s"], row["local_images_per_s"],
              row["spark_local2_s"], row["spark_local2_images_per_s"], row["spark_vs_local"]]
             for key, row in figures.items() if key.startswith("images_")]
     rows.append(["Spark session start alone", "", "", figures["spark_session_s"], "", ""])

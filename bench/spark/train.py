@@ -91,7 +91,8 @@ def table(figures: dict) -> str:
     rows += [["Spark / DDP", figures["spark_vs_ddp_wall_s"], figures["spark_vs_ddp_fit_s"]],
              ["a `local[2]` SparkSession", figures["session_s"], ""],
              ["TorchDistributor running a no-op", figures["noop_distributor_s"], ""]]
-    return markdown_table([f"{figures['epochs']} epochs, each round", "wall (s)", "fit (s)"], rows)
+    return markdown_table([f"launch, epochs={figures['epochs']} (one figure a round)", "wall (s)",
+                           "fit (s)"], rows)
 
 
 if __name__ == "__main__":
