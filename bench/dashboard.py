@@ -175,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     benchmarks = chosen(args.only)
     total = sum(b.estimate_s for b in benchmarks)
+    count = f"{len(benchmarks)} benchmark{'s' if len(benchmarks) != 1 else ''}"
     if args.list:
         for b in benchmarks:
             print(f"{b.module:32} est. {minutes(b.estimate_s):>8}   {b.command}")
-        print(f"{len(benchmarks)} benchmarks, about {minutes(total)} on a quiet 2-core machine")
+        print(f"{count}, about {minutes(total)} on a quiet 2-core machine")
         return 0
 
-    progress(f"{len(benchmarks)} benchmarks, about {minutes(total)} on a quiet 2-core machine; "
+    progress(f"{count}, about {minutes(total)} on a quiet 2-core machine; "
              "logs in bench/results/")
     print(f"# Benchmarks ({time.strftime('%Y-%m-%d %H:%M')}, `make bench`)")
     failed, area, started = [], None, time.time()
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             area = benchmark.area
             print(f"\n## {AREAS[area]}")
         print(f"\n{text}", flush=True)
-    summary = (f"{len(benchmarks)} benchmarks in {minutes(time.time() - started)}"
+    summary = (f"{count} in {minutes(time.time() - started)}"
                + (f"; failed or out of time: {', '.join(failed)}" if failed else ""))
     progress(summary)
     print(f"\n{summary}")
