@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo clean server postgres java
+.PHONY: venv test demo bench clean server postgres java
 
 venv: $(STAMP)
 
@@ -49,6 +49,12 @@ server: venv
 
 demo: venv
 	$(BIN)/python -m lightcycle.operations.demo
+
+# The benchmarks that fit in 15 minutes on 2 cores, with short settings, as markdown tables
+# (progress on stderr: `make bench > report.md`). Logs and figures land in bench/results/;
+# spark.predict needs Java 17 (`make java`) and is reported as failed without it.
+bench: venv
+	$(BIN)/python -m bench.dashboard
 
 clean:
 	rm -rf $(VENV) mlflow.db optuna.db mlruns mlartifacts lightning_logs

@@ -1,19 +1,25 @@
-"""Shared bits for the benchmarks: machine description, a results writer, and the tests' process
+"""Shared bits for the benchmarks: machine description, a results writer and its markdown table,
+the environment of the processes they start, the plain training loop, and the tests' process
 machinery (tests/processes.py: free ports, waiting for HTTP, stopping process groups)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from processes import free_port, stop_process, wait_for_http  # noqa: E402,F401
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+VENV_BIN = str(Path(sys.executable).parent)
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(ROOT / "tests"))
+from processes import free_port, stop_process, wait_for_http  # noqa: E402,F401
+from synthetic import synthetic_data_dir  # noqa: E402,F401
 
 
 def machine() -> str:
@@ -29,6 +35,53 @@ def save(name: str, figures: dict) -> None:
     figures = {"machine": machine(), **figures}
     (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures, indent=2))
+
+
+def rounds_parser(doc: str, rounds: int, seconds: float) -> argparse.ArgumentParser:
+    """The command line of a benchmark that measures in `--rounds` of `--seconds` per figure;
+    --help prints `doc` as it is written."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--seconds", type=float, default=seconds)
+    return parser
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment for a process a benchmark starts: `mlflow run` and `mlflow models serve`
+    exec `python` and `uvicorn` by name, so the venv's bin/ leads PATH; src/ is importable
+    even where the package is not installed."""
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ["PATH"],
+            "PYTHONPATH": pythonpath, **extra}
+
+
+def file_at(rev: str, path: str) -> str:
+    """`path` as it was at git revision `rev`: the code a benchmark compares against."""
+    return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(cell(v) for v in value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """One markdown table; numbers with thousands separators, at most 4 significant digits
+    below 1,000."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def images_per_second(fn, x, seconds: float, warmup: int = 20) -> float:
@@ -82,3 +135,13 @@ def plain_cnn_epochs(epochs: int, seed: int = 0, net=None):
             opt.step()
             sched.step()
         yield net, dm.val_dataloader()
+
+
+def trained_cnn(epochs: int, seed: int = 0, net=None):
+    """`net` (a `cnn` by default) after `epochs` of the plain loop, in eval mode; 0 epochs: the
+    seeded untrained `cnn`, which costs the same to run."""
+    if not epochs:
+        return untrained_cnn() if net is None else net.eval()
+    for net, _ in plain_cnn_epochs(epochs, seed, net=net):
+        pass
+    return net.eval()

@@ -248,6 +248,17 @@ def sample_chain(sqlite_server):
             "pt2_champion": f"models:/{SAMPLE_CHAIN_MODEL}-pt2@champion"}
 
 
+@pytest.fixture(scope="module")
+def tracked_sample_chain(sample_chain, tracking_server):
+    """`sample_chain`, with this process's MLflow pointed at its server for the whole module:
+    module fixtures that load its models cannot use the per-test `tracking_uri`."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_server.url)
+    yield sample_chain
+    mlflow.set_tracking_uri(None)
+
+
 # --- the checkout stays as it was ------------------------------------------------------------
 # Every test writes under pytest's tmp dirs or its own temp copy of the project; anything new
 # in the checkout (ignored files included) after the session fails the run. On the controller

@@ -24,6 +24,7 @@ import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from bench.serving import load as load_generator  # shared with the benchmarks (BENCHMARKS.md)
 from conftest import (PROJECT_ROOT, SAMPLE_DIR, check, free_port, mlflow_run, runs_of,
                       start_tracking_server, stop_process, wait_for_http)
 from lightcycle.lifecycle import promote, promotion_lock, registry
@@ -31,9 +32,6 @@ from lightcycle.training import resume
 from lightcycle.training.config import TrainConfig
 from lightcycle.model import data
 from lightcycle.serving import scoring_server
-
-sys.path.insert(0, str(PROJECT_ROOT / "bench"))
-import load_serve  # noqa: E402  (the load generator lives in bench/, shared with BENCHMARKS.md)
 
 pytestmark = pytest.mark.slow
 
@@ -602,10 +600,10 @@ def served(two_chains, tmp_path_factory):
 @pytest.mark.backends("sqlite")
 def test_load_8_clients_30s_mixed_requests_no_5xx_correct_answers_flat_memory(served,
                                                                              tracking_uri):
-    mix = load_serve.standard_mix(f"models:/{served['name']}/{served['version']}")
-    result = load_serve.run_load(served["url"], mix, clients=8, seconds=30, warmup_seconds=5,
-                                 rss=lambda: load_serve.tree_rss_kib(served["proc"].pid))
-    # Figures for BENCHMARKS.md come from bench/load_serve.py; the test writes nothing.
+    mix = load_generator.standard_mix(f"models:/{served['name']}/{served['version']}")
+    result = load_generator.run_load(served["url"], mix, clients=8, seconds=30, warmup_seconds=5,
+                                     rss=lambda: load_generator.tree_rss_kib(served["proc"].pid))
+    # Figures for BENCHMARKS.md come from bench/serving/load.py; the test writes nothing.
     assert result.good > 0 and result.bad > 0
     assert result.transport_errors == 0, result.examples
     assert result.server_errors == 0, result.examples

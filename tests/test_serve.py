@@ -22,16 +22,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sample-chain")]
 
 
 @pytest.fixture(scope="module")
-def chain_experiment(sample_chain, tracking_server):
+def chain_experiment(tracked_sample_chain):
     """Both deployables from one eager version: the pt2 tests compare their answers."""
-    mlflow.set_tracking_uri(tracking_server.url)
-    yield sample_chain["experiment"]
-    mlflow.set_tracking_uri(None)
+    return tracked_sample_chain["experiment"]
 
 
 @pytest.fixture(scope="module")
-def champion(sample_chain, chain_experiment):
-    return sample_chain["champion"]
+def champion(tracked_sample_chain):
+    return tracked_sample_chain["champion"]
 
 
 def _start(cmd, port, tmp_path, env):

@@ -219,7 +219,7 @@ def test_mlflow_models_serve_w2_accepts_connections_with_tcp_nodelay(deployable,
                                                                      tmp_path):
     """`mlflow models serve -w 2` runs `uvicorn --workers 2`, whose own listening socket leaves
     Nagle on for every accepted connection (about 40 ms a keep-alive request;
-    bench_served_ratio.py). The deployable, loaded in each worker, puts TCP_NODELAY back. Read
+    bench/serving/served_ratio.py). The deployable, loaded in each worker, puts TCP_NODELAY back. Read
     on the server's side of a real keep-alive connection, in the worker that accepted it."""
     import socket
 

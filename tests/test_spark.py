@@ -35,10 +35,8 @@ PIXEL_COLUMNS = [f"px{i}" for i in range(784)]
 
 
 @pytest.fixture(scope="module")
-def champion(sample_chain, tracking_server):
-    mlflow.set_tracking_uri(tracking_server.url)
-    yield sample_chain["champion"]
-    mlflow.set_tracking_uri(None)
+def champion(tracked_sample_chain):
+    return tracked_sample_chain["champion"]
 
 
 @pytest.fixture(scope="module")

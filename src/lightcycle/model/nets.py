@@ -41,7 +41,7 @@ class CNN(nn.Module):
     channels (width/2 at 28x28, 2*width at 14x14).
 
     A single, half-width conv at full resolution: two `width`-channel convs there cost 40% of
-    the multiply-adds and bought no accuracy (bench/bench_net_choice.py, 40 epochs, 3 seeds:
+    the multiply-adds and bought no accuracy (bench/training/net_choice.py, 40 epochs, 3 seeds:
     0.817 against 0.819 test accuracy on the sample) for 1.8x the training time and 1.7x the
     deployable's latency. Pooling to 3x3 rather than 1x1 keeps where features are (collar,
     sleeves, sole), which global pooling throws away: +3-5 points on the 720-image sample.

@@ -180,7 +180,7 @@ def _keep_tcp_nodelay() -> None:
     socket itself with `proto` 0. Accepted sockets inherit that, and asyncio sets TCP_NODELAY
     only where `proto == IPPROTO_TCP`, so Nagle's algorithm stays on and each keep-alive
     response waits for the client's delayed ACK: about 40 ms a request on Linux (uvicorn issue
-    3149; bench/bench_served_ratio.py measures it). Idempotent; process-wide, so only called
+    3149; bench/serving/served_ratio.py measures it). Idempotent; process-wide, so only called
     inside the scoring server."""
     import asyncio.base_events
     import socket

@@ -1,6 +1,6 @@
 """Inference speed in-process (eager / scripted / frozen / optimize_for_inference / pt2) and served.
 
-    PATH=.venv/bin:$PATH .venv/bin/python bench/bench_serve.py [--seconds 3] [--skip-served]
+    PATH=.venv/bin:$PATH python -m bench.serving.formats [--seconds 3] [--skip-served]
 
 In-process: every (variant, batch size) pair gets a freshly converted module, 20 warm-up calls
 at that batch size and then `--seconds` of calls, so TorchScript's profiling executor never sees
@@ -17,20 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import requests
 import torch
 
-from common import images_per_second, save, untrained_cnn
+from bench.common import (child_env, free_port, images_per_second, markdown_table, save,
+                          stop_process, untrained_cnn)
 from lightcycle.lifecycle import export
 from lightcycle.model import data
 
@@ -76,12 +73,6 @@ def in_process(net, seconds: float) -> dict:
     return figures
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bodies() -> tuple[str, str]:
     images = batch_of(64).numpy()
     return json.dumps({"inputs": images[:1].tolist()}), json.dumps({"inputs": images.tolist()})
@@ -89,10 +80,9 @@ def bodies() -> tuple[str, str]:
 
 def served(model_dir: str) -> dict:
     port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     start = time.perf_counter()
     proc = subprocess.Popen(["mlflow", "models", "serve", "-m", model_dir, "--env-manager", "local",
-                             "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
+                             "-p", str(port)], env=child_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}/invocations"
     one, many = bodies()
@@ -117,8 +107,7 @@ def served(model_dir: str) -> dict:
                 n += 1
             batch64 = n * 64 / (time.perf_counter() - t0)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
+        stop_process(proc)
     latencies.sort()
     return {"cold_start_s": round(cold_start, 2), "batch1_p50_ms": round(latencies[249], 2),
             "batch1_p99_ms": round(latencies[494], 2), "batch64_images_per_s": round(batch64),
@@ -184,6 +173,19 @@ def main():
     figures["goals"] = {"served_vs_best_in_process_batch64": 0.5, "batch1_p50_ms": 4,
                         "batch1_p99_ms": 15, "cold_start_s": 8}
     save("serve", figures)
+
+
+def table(figures: dict) -> str:
+    rows = [[f"in process, {name}", *([row["batch1"], row["batch64"]] if isinstance(row, dict)
+                                      else [row, ""]), "", "", ""]
+            for name, row in figures["in_process_images_per_s"].items()]
+    for fmt in ("torchscript", "pt2"):
+        if f"served_{fmt}" in figures:
+            served = figures[f"served_{fmt}"]
+            rows.append([f"served, {fmt}", "", served["batch64_images_per_s"],
+                         served["cold_start_s"], served["batch1_p50_ms"], served["batch1_p99_ms"]])
+    return markdown_table(["variant", "batch-1 images/s", "batch-64 images/s", "cold start (s)",
+                           "batch-1 p50 (ms)", "batch-1 p99 (ms)"], rows)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Two-process training: `train -P engine=spark` (TorchDistributor on local[2]) against Lightning's
 own DDP (`devices=2 strategy=ddp`), same data, epochs and net, side by side; and Spark's start-up.
 
-    PATH=.venv/bin:$PATH .venv/bin/python bench/bench_spark_train.py [--epochs 2] [--rounds 1]
+    PATH=.venv/bin:$PATH python -m bench.spark.train [--epochs 2] [--rounds 1]
 
 Each train is `python steps/train.py ...` as `mlflow run` starts it, against one sqlite tracking
 store in a temp dir, timed from process start to exit (`wall_s`); `fit_s` is the run's own
@@ -19,12 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
+from bench.common import ROOT, child_env, markdown_table, save
 
-ROOT = Path(__file__).resolve().parents[1]
 ENGINES = {
     "ddp_devices2": ["--devices", "2", "--strategy", "ddp"],
     "spark_local2": ["--engine", "spark", "--num_processes", "2"],
@@ -58,7 +55,7 @@ def main():
                      "data": "data/sample (720 train / 80 val images), cnn"}
     with tempfile.TemporaryDirectory(prefix="bench-spark-train-") as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+        env = child_env(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
         client = mlflow.MlflowClient(uri)
         for round_ in range(args.rounds):
             for name, extra in ENGINES.items():
@@ -85,6 +82,17 @@ def main():
         figures[f"spark_vs_ddp_{key}"] = round(sum(r[key] for r in figures["spark_local2"]) / ddp, 2)
     figures["load_average_at_end"] = os.getloadavg()
     save("spark_train", figures)
+
+
+def table(figures: dict) -> str:
+    rows = [[label, [r["wall_s"] for r in figures[name]], [r["fit_s"] for r in figures[name]]]
+            for name, label in (("ddp_devices2", "Lightning DDP, `devices=2 strategy=ddp`"),
+                                ("spark_local2", "Spark, `engine=spark num_processes=2`"))]
+    rows += [["Spark / DDP", figures["spark_vs_ddp_wall_s"], figures["spark_vs_ddp_fit_s"]],
+             ["a `local[2]` SparkSession", figures["session_s"], ""],
+             ["TorchDistributor running a no-op", figures["noop_distributor_s"], ""]]
+    return markdown_table([f"launch, epochs={figures['epochs']} (one figure a round)", "wall (s)",
+                           "fit (s)"], rows)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The deployable's in-process speed and accuracy, every variant in one run (issue 12).
 
-    PATH=.venv/bin:$PATH python bench/bench_deployable.py [--epochs 8] [--seconds 1] [--rounds 5]
+    PATH=.venv/bin:$PATH python -m bench.serving.deployable [--epochs 8] [--seconds 1] [--rounds 5]
         [--threads 2] [--state net.pt] [--no-onnx] [--pt2e]
 
 A `cnn` is trained first with the project's recipe (AdamW + OneCycle, flips + shifts, label
@@ -32,7 +32,6 @@ to eager's on those and on 18 shifted/mirrored copies of each (export.synthetic_
 
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import os
@@ -44,19 +43,13 @@ import warnings
 import torch
 from torch import nn
 
-from common import plain_cnn_epochs, save
+from bench.common import markdown_table, rounds_parser, save, trained_cnn
 from lightcycle.lifecycle import export
 from lightcycle.model import data
 from lightcycle.model.evaluate import images_tensor, predict_logits
 from lightcycle.model.nets import build_net
 
 warnings.simplefilter("ignore")
-
-
-def train_cnn(epochs: int, seed: int = 42) -> nn.Module:
-    for net, _ in plain_cnn_epochs(epochs, seed):
-        pass
-    return net.eval()
 
 
 def jit_loader(module):
@@ -199,12 +192,9 @@ def quality(module, reference: export.Reference) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = rounds_parser(__doc__, rounds=5, seconds=1.0)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--state", help="a CNN state_dict to use instead of training")
-    parser.add_argument("--seconds", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-onnx", action="store_true")
     parser.add_argument("--pt2e", action="store_true")
@@ -218,7 +208,7 @@ def main():
         net.load_state_dict(torch.load(args.state))
         net.eval()
     else:
-        net = train_cnn(args.epochs)
+        net = trained_cnn(args.epochs, seed=42)
     trained_s = time.perf_counter() - start
     test = data.load_split(data.default_data_dir(), "test")
     images = images_tensor(test)
@@ -279,6 +269,16 @@ def main():
         "rounds": args.rounds, "load_average_at_end": [round(v, 2) for v in load_average],
         "variants": results,
     })
+
+
+def table(figures: dict) -> str:
+    rows = [[name, row.get("batch1_images_per_s"), row.get("batch64_images_per_s"),
+             row.get("batch64_vs_frozen"),
+             row["accuracy"] if "accuracy" in row else f"fails: {row['fails_at_run_time']}",
+             row.get("agreement_synthetic")]
+            for name, row in figures["variants"].items()]
+    return markdown_table(["variant", "batch-1 images/s", "batch-64 images/s",
+                           "batch 64 vs frozen", "accuracy", "agreement, shifted copies"], rows)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,19 @@
 """Is there a cheaper net with the same accuracy? Candidates beside today's `cnn` (issue 12).
 
-    PATH=.venv/bin:$PATH python bench/bench_net_choice.py [--epochs 15] [--seeds 0 1 2]
+    PATH=.venv/bin:$PATH python -m bench.training.net_choice [--epochs 15] [--seeds 0 1 2]
         [--seconds 2] [--rounds 2] [--candidates cnn stem16 ...]
 
 Each candidate is the `cnn` layout (conv blocks, 2x2 max-pool, conv blocks, 2x2 max-pool, 3x3
 pooled head) with other widths or fewer 28x28 convs. Each is trained with the project's recipe
-(`common.plain_cnn_epochs`: AdamW + OneCycle, flips + shifts, label smoothing) for `--epochs`
-on the bundled sample, once per seed. Per candidate and seed: held-out accuracy of eager, and
-the int8 and float TorchScript deployables exactly as `publish` builds them
+(`bench.common.plain_cnn_epochs`: AdamW + OneCycle, flips + shifts, label smoothing) for
+`--epochs` on the bundled sample, once per seed. Per candidate and seed: held-out accuracy of
+eager, and the int8 and float TorchScript deployables exactly as `publish` builds them
 (`export.convert_and_check`), with their parity. Speed: in-process batch-64 images/s of each
 deployable, interleaved rounds over all candidates (medians), on the first seed's nets.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
@@ -22,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 
-from common import images_per_second, plain_cnn_epochs, save
+from bench.common import images_per_second, markdown_table, rounds_parser, save, trained_cnn
 from lightcycle.lifecycle import export
 from lightcycle.model import data
 from lightcycle.model.nets import CNN, NUM_CLASSES, Normalize, _conv_block
@@ -81,18 +80,13 @@ def multiply_adds(net: nn.Module) -> int:
 
 def train(name: str, epochs: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    net = CANDIDATES[name]()
-    for net, _ in plain_cnn_epochs(epochs, seed, net=net):
-        pass
-    return net.eval()
+    return trained_cnn(epochs, seed, net=CANDIDATES[name]())
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = rounds_parser(__doc__, rounds=2, seconds=2.0)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
     args = parser.parse_args()
     data_dir = str(data.default_data_dir())
@@ -137,6 +131,16 @@ def main():
         print(name, kind, round(statistics.median(values)), flush=True)
     save("net_choice", {"epochs": args.epochs, "seeds": args.seeds, "seconds": args.seconds,
                         "rounds": args.rounds, "candidates": results})
+
+
+def table(figures: dict) -> str:
+    rows = [[name, row["multiply_adds"], row["eager_accuracy_mean"], row["int8_parity_ok_seeds"],
+             row.get("int8_batch64_images_per_s"), row.get("torchscript_batch64_images_per_s")]
+            for name, row in figures["candidates"].items()]
+    return markdown_table(
+        ["net", "multiply-adds", f"accuracy, mean of {len(figures['seeds'])} seeds",
+         "seeds with int8 parity", "int8 batch-64 images/s", "TorchScript batch-64 images/s"],
+        rows)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`tune` cost per trial, a two-"node" torchrun epoch, and how fast an unreachable server fails.
 
-    PATH=.venv/bin:$PATH .venv/bin/python bench/bench_scale.py
+    PATH=.venv/bin:$PATH python -m bench.scale.scale
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-from common import free_port, save
+from bench.common import ROOT, child_env, free_port, markdown_table, save
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "steps/train.py")
 
 
@@ -86,12 +84,28 @@ def unreachable_figures(env) -> dict:
 
 def main():
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
         figures = tune_figures(env, tmp)
         figures.update(torchrun_figures(env))
     figures.update(unreachable_figures(dict(os.environ)))
     save("scale", figures)
+
+
+def table(figures: dict) -> str:
+    rows = []
+    for models in ("mlp", "cnn"):
+        tune = figures[f"tune_{models}"]
+        rows += [[f"`tune` of {models}, 3 trials of 2 epochs", tune["n_trials_3_epochs_2_wall_s"]],
+                 [f"`tune` of {models} again, nothing left to try", tune["rerun_nothing_left_s"]]]
+    rows += [["`train` of mlp, 1 epoch, one process", figures["train_mlp_1_epoch_one_process_s"]],
+             ["the same, torchrun on 2 nodes", figures["train_mlp_1_epoch_torchrun_2_nodes_s"]],
+             ["unreachable server: the step process fails after",
+              figures["step_process_fails_after_s"]],
+             ["unreachable server: `mlflow run` fails after (default retries)",
+              figures["mlflow_run_fails_after_s_default_retries"]],
+             ["the same, MLFLOW_HTTP_REQUEST_MAX_RETRIES=0",
+              figures["mlflow_run_fails_after_s_max_retries_0"]]]
+    return markdown_table(["measure", "seconds"], rows)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Served figures of issue 12 in one run, each beside its reference (medians over rounds).
 
-    PATH=.venv/bin:$PATH .venv/bin/python bench/bench_served.py [--rounds 3] [--seconds 4]
+    PATH=.venv/bin:$PATH python -m bench.serving.served [--rounds 3] [--seconds 4]
         [--reference-rev 1879355] [--eager-uri models:/lightcycle-fashion/1]
 
 One net (`--eager-uri`, or a `cnn` trained `--train-epochs` epochs on the sample by the plain
-loop of bench/common.py; 0: untrained, same shapes and cost) gives:
+loop of bench.common; 0: untrained, same shapes and cost) gives:
   * a frozen TorchScript archive (`torch.jit.freeze(torch.jit.script(net))`) behind
     `deployable_model_kwargs`, with this checkout's `serving_model.py` ("new") and with the one
     at `--reference-rev` ("reference", the wrapper before issue 12);
@@ -28,7 +28,6 @@ Prints JSON (and writes bench/results/served.json).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -44,13 +43,13 @@ import numpy as np
 import requests
 import torch
 
-from common import free_port, images_per_second, save
-from common import stop_process as stop
+from bench.common import (ROOT, VENV_BIN, child_env, file_at, free_port, images_per_second,
+                          markdown_table, rounds_parser, save, trained_cnn)
+from bench.common import stop_process as stop
 from lightcycle.lifecycle import export, model_io
 from lightcycle.model import data
 
 warnings.simplefilter("ignore")
-ROOT = Path(__file__).resolve().parent.parent
 GOALS = {"served_vs_in_process_batch64": 0.6, "served_vs_plain_pytorch_batch64": 3.0,
          "batch1_p50_ms": 3.0, "batch1_p99_ms": 8.0, "serve_cold_start_s": 3.0}
 
@@ -60,7 +59,7 @@ def images(n: int) -> np.ndarray:
     return np.concatenate([pixels] * (n // len(pixels) + 1))[:n]
 
 
-def json_body(n: int) -> bytes:  # as bench_serve.py and the README: float JSON, (N, 1, 28, 28)
+def json_body(n: int) -> bytes:  # as serving.formats and the README: float JSON, (N, 1, 28, 28)
     return json.dumps({"inputs": images(n)[:, None].astype(np.float32).tolist()}).encode()
 
 
@@ -88,6 +87,39 @@ def start(cmd: list[str], port: int, env: dict) -> tuple[subprocess.Popen, float
         except requests.RequestException:
             pass
         time.sleep(0.02)
+
+
+def models_serve(port: int, model_dir: str, *options: str) -> list[str]:
+    """`mlflow models serve` on `model_dir`, in this environment, on 127.0.0.1:`port`."""
+    return [os.path.join(VENV_BIN, "mlflow"), "models", "serve", "--env-manager", "local",
+            "-h", "127.0.0.1", "-p", str(port), *options, "-m", model_dir]
+
+
+def chain_deployable(net, method: str, tmp: str, name: str) -> tuple[str, str, str]:
+    """`net` converted as the chain converts it (export.convert_and_check) and saved as the
+    chain's pyfunc, under `tmp`: (archive, model dir, the conversion's stage and parity)."""
+    import mlflow.pyfunc
+
+    conversion = export.convert_and_check(net, method, data.default_data_dir())
+    archive = os.path.join(tmp, f"{name}.pt")
+    export.save_archive(conversion.module, archive)
+    model_dir = os.path.join(tmp, name)
+    mlflow.pyfunc.save_model(model_dir, **export.deployable_model_kwargs(archive, "torchscript"))
+    return archive, model_dir, f"{conversion.stage}, {conversion.parity.describe()}"
+
+
+def with_wrapper_at(rev: str, archive: str, tmp: str, name: str,
+                    path: str = "src/lightcycle/serving/serving_model.py") -> str:
+    """`archive` saved as the chain's pyfunc with the wrapper (`path`) as it was at `rev`, under
+    `tmp`: before and after a change to the wrapper, in one run. Returns the model dir."""
+    import mlflow.pyfunc
+
+    code = os.path.join(tmp, f"{name}_serving_model.py")
+    Path(code).write_text(file_at(rev, path))
+    model_dir = os.path.join(tmp, name)
+    mlflow.pyfunc.save_model(model_dir, **{**export.deployable_model_kwargs(archive, "torchscript"),
+                                           "python_model": code})
+    return model_dir
 
 
 def measure(url: str, one: bytes, many: bytes, requests_n: int, seconds: float) -> dict:
@@ -127,21 +159,12 @@ def save_models(tmp: str, net, reference_rev: str) -> dict[str, str]:
     kwargs = export.deployable_model_kwargs(archive, "torchscript")
     dirs["new"] = os.path.join(tmp, "new")
     mlflow.pyfunc.save_model(dirs["new"], **kwargs)
-    reference_code = os.path.join(tmp, "reference_serving_model.py")
-    Path(reference_code).write_text(subprocess.run(
-        ["git", "show", f"{reference_rev}:src/lightcycle/serving_model.py"], cwd=ROOT,
-        check=True, capture_output=True, text=True).stdout)
-    dirs["reference"] = os.path.join(tmp, "reference")
-    mlflow.pyfunc.save_model(dirs["reference"], **{**kwargs, "python_model": reference_code})
+    dirs["reference"] = with_wrapper_at(reference_rev, archive, tmp, "reference",
+                                        "src/lightcycle/serving_model.py")
     # The chain's own conversions (export.publish without the run and registry).
     for name, method in (("chain_torchscript", "script"), ("int8", "quantize")):
-        conversion = export.convert_and_check(net, method, data.default_data_dir())
-        dirs[f"{name}_archive"] = os.path.join(tmp, f"{name}.pt")
-        dirs[f"{name}_stage"] = f"{conversion.stage}, {conversion.parity.describe()}"
-        export.save_archive(conversion.module, dirs[f"{name}_archive"])
-        dirs[name] = os.path.join(tmp, name)
-        mlflow.pyfunc.save_model(dirs[name], **export.deployable_model_kwargs(
-            dirs[f"{name}_archive"], "torchscript"))
+        dirs[f"{name}_archive"], dirs[name], dirs[f"{name}_stage"] = chain_deployable(
+            net, method, tmp, name)
     # No model at all: the deployable's signature and wrapper contract, answered with zeros.
     # Its batch-1 latency and cold start are what `mlflow models serve` costs before any model.
     class NoModel(mlflow.pyfunc.PythonModel):
@@ -166,10 +189,7 @@ def median_of(rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=4.0)
+    parser = rounds_parser(__doc__, rounds=3, seconds=4.0)
     parser.add_argument("--latency-requests", type=int, default=300)
     parser.add_argument("--reference-rev", default="1879355")
     parser.add_argument("--eager-uri", default="", help="a trained eager model to use")
@@ -179,21 +199,9 @@ def main() -> None:
 
     if args.eager_uri:
         net = model_io.load_eager_net(args.eager_uri)
-    elif args.train_epochs:
-        from common import plain_cnn_epochs
-
-        for net, _ in plain_cnn_epochs(args.train_epochs):
-            pass
-        net = net.eval()
     else:
-        from lightcycle.model.nets import build_net
-
-        torch.manual_seed(0)
-        net = build_net("cnn").eval()
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
-           "PYTHONPATH": str(ROOT / "src")}
-    mlflow_bin = str(Path(bin_dir) / "mlflow")
+        net = trained_cnn(args.train_epochs)
+    env = child_env()
     bodies = {"json": (json_body(1), json_body(64)), "b64": (b64_body(1), b64_body(64))}
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-served-") as tmp:
@@ -201,21 +209,19 @@ def main() -> None:
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
 
         def servers(port):
-            models_serve = [mlflow_bin, "models", "serve", "--env-manager", "local",
-                            "-h", "127.0.0.1", "-p", str(port), "-m"]
             return {
-                "reference": (models_serve + [dirs["reference"]], ["json"]),
-                "new": (models_serve + [dirs["new"]], ["json", "b64"]),
+                "reference": (models_serve(port, dirs["reference"]), ["json"]),
+                "new": (models_serve(port, dirs["new"]), ["json", "b64"]),
                 "new_lightcycle_serve": ([sys.executable, "steps/serve.py", "--model_uri",
                                           dirs["new"], "--port", str(port)], ["json", "b64"]),
                 "new_lightcycle_serve_1_thread": (
                     [sys.executable, "steps/serve.py", "--model_uri", dirs["new"], "--port",
                      str(port)], ["json", "b64"]),
-                "chain_torchscript": (models_serve + [dirs["chain_torchscript"]],
+                "chain_torchscript": (models_serve(port, dirs["chain_torchscript"]),
                                       ["json", "b64"]),
-                "int8": (models_serve + [dirs["int8"]], ["json", "b64"]),
-                "plain_pytorch": (models_serve + [dirs["plain_pytorch"]], ["json"]),
-                "no_model": (models_serve + [dirs["no_model"]], ["json"]),
+                "int8": (models_serve(port, dirs["int8"]), ["json", "b64"]),
+                "plain_pytorch": (models_serve(port, dirs["plain_pytorch"]), ["json"]),
+                "no_model": (models_serve(port, dirs["no_model"]), ["json"]),
             }
 
         for r in range(args.rounds):
@@ -262,6 +268,22 @@ def main() -> None:
                     "conversions": {k: dirs[f"{k}_stage"] for k in ("chain_torchscript", "int8")},
                     "load_average_at_end": os.getloadavg(),
                     "medians": figures, "ratios": ratios, "goals": GOALS})
+
+
+def table(figures: dict) -> str:
+    medians, ratios = figures["medians"], figures["ratios"]
+    rows = [[f"in process, the {prefix.rstrip('_') or 'frozen'} archive", "", "", "", "",
+             medians[f"{prefix}in_process_batch64"]["images_per_s"], ""]
+            for prefix in ("", "chain_torchscript_", "int8_")]
+    for key, row in medians.items():
+        server, _, form = key.rpartition("_")
+        if form in ("json", "b64"):
+            rows.append([server, form, medians[f"{server}_cold_start"]["seconds_s"],
+                         row["batch1_p50_ms"], row["batch1_p99_ms"], row["batch64_images_per_s"],
+                         ratios[f"{key}_vs_in_process_batch64"]])
+    return markdown_table(["server", "request", "cold start (s)", "batch-1 p50 (ms)",
+                           "batch-1 p99 (ms)", "batch-64 images/s", "vs in process (frozen)"],
+                          rows)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Batch scoring throughput: local `predict` vs `predict -P engine=spark` on local[2].
 
-    PATH=.venv/bin:$PATH .venv/bin/python bench/bench_spark.py [--sizes 10000,60000]
+    PATH=.venv/bin:$PATH python -m bench.spark.predict [--sizes 10000,60000]
 
 Both engines score the same parquet (784 float32 pixel columns; the 180 sample test images
 tiled and shifted, written to a temp dir) with the same deployable (a scripted CNN saved exactly
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -24,14 +23,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
-
-from lightcycle.lifecycle import export  # noqa: E402
-from lightcycle.model import data  # noqa: E402
-from lightcycle.model.nets import build_net  # noqa: E402
-from lightcycle.serving import spark_scoring  # noqa: E402
-from lightcycle.serving.predict import batch_predict  # noqa: E402
+from bench.common import markdown_table, save
+from lightcycle.lifecycle import export
+from lightcycle.model import data
+from lightcycle.model.nets import build_net
+from lightcycle.serving import spark_scoring
+from lightcycle.serving.predict import batch_predict
 
 warnings.simplefilter("ignore", FutureWarning)
 
@@ -88,6 +85,16 @@ def main():
         spark.stop()
     figures["load_average_at_end"] = os.getloadavg()
     save("spark", figures)
+
+
+def table(figures: dict) -> str:
+    rows = [[int(key.removeprefix("images_")), row["local_s"], row["local_images_per_s"],
+             row["spark_local2_s"], row["spark_local2_images_per_s"], row["spark_vs_local"]]
+            for key, row in figures.items() if key.startswith("images_")]
+    rows.append(["Spark session start alone", "", "", figures["spark_session_s"], "", ""])
+    return markdown_table(["images", "local `predict` (s)", "local images/s",
+                           "Spark local[2] (s)", "Spark images/s", "local time / Spark time"],
+                          rows)
 
 
 if __name__ == "__main__":

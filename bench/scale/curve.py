@@ -1,6 +1,7 @@
 """How lightcycle grows with data and with clients: the scale curve.
 
-    python bench/bench_scale_curve.py [--sizes 720,7200,60000] [--clients 1,8,32] [--seconds 15]
+    PATH=.venv/bin:$PATH python -m bench.scale.curve [--sizes 720,7200,60000] [--clients 1,8,32]
+        [--seconds 15]
 
 For each train-set size (the sample, then synthetic sets tiled and shifted from it: 7,200 and
 60,000 images, with a test set one sixth of that; built in a temp dir, never committed):
@@ -17,18 +18,13 @@ import os
 import re
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import free_port, save, stop_process, wait_for_http
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from synthetic import synthetic_data_dir  # noqa: E402
-
-import load_serve  # noqa: E402
+from bench.common import (ROOT, child_env, free_port, markdown_table, save, stop_process,
+                          synthetic_data_dir, wait_for_http)
+from bench.serving import load as load_generator
 
 
 def run_main(data_dir: Path, env: dict, name: str) -> dict:
@@ -57,11 +53,11 @@ def serve_curve(env: dict, model_uri: str, clients: list[int], seconds: float) -
     try:
         wait_for_http(url + "/ping", proc, timeout=300)
         os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-        mix = [r for r in load_serve.standard_mix(model_uri)
+        mix = [r for r in load_generator.standard_mix(model_uri)
                if r.expected is not None and len(r.expected) == 1]
         curve = {}
         for n in clients:
-            result = load_serve.run_load(url, mix, clients=n, seconds=seconds, warmup_seconds=3)
+            result = load_generator.run_load(url, mix, clients=n, seconds=seconds, warmup_seconds=3)
             curve[f"{n}_clients"] = {"requests_per_s": result.throughput_rps,
                                      "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
                                      "errors": sum(v for k, v in result.statuses.items()
@@ -80,8 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     figures: dict = {"sizes": {}}
     with tempfile.TemporaryDirectory(prefix="lightcycle-scale-") as tmp:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
         for size in (int(s) for s in args.sizes.split(",")):
             data_dir = (ROOT / "data" / "sample" if size == 720 else
                         synthetic_data_dir(Path(tmp) / f"data-{size}", size, size // 6))
@@ -91,6 +86,15 @@ def main() -> None:
         figures["serving"] = serve_curve(env, "models:/scale-720-scripted@champion",
                                          [int(c) for c in args.clients.split(",")], args.seconds)
     save("scale_curve", figures)
+
+
+def table(figures: dict) -> str:
+    rows = [[f"{size} train images", row["main_seconds"], row["epoch_seconds"],
+             row["peak_rss_mib"], "", "", "", ""] for size, row in figures["sizes"].items()]
+    rows += [[clients.replace("_", " "), "", "", "", row["requests_per_s"], row["p50_ms"],
+              row["p99_ms"], row["errors"]] for clients, row in figures["serving"].items()]
+    return markdown_table(["load", "`main`, 1 epoch (s)", "epoch (s)", "peak RSS (MiB)",
+                           "batch-1 requests/s", "p50 (ms)", "p99 (ms)", "errors"], rows)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`mlflow server` start-up with and without MLflow's job runner (issue 12: the test suite starts
 a dozen servers).
 
-    python bench/bench_server_start.py [--repeats 3]
+    PATH=.venv/bin:$PATH python -m bench.chain.server_start [--repeats 3]
 
 Each start: `mlflow server --workers 1` on a fresh sqlite store, timed to the first 200 on
 /health, then the number of processes in its group and their total RSS. Alternates the two
@@ -14,12 +14,12 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import free_port, save, stop_process, wait_for_http
+from bench.common import free_port, markdown_table, save, stop_process, wait_for_http
+from lightcycle.operations.tracking_server import mlflow_server_command
 
 
 def start_once(jobs: bool) -> dict:
@@ -28,9 +28,8 @@ def start_once(jobs: bool) -> dict:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if jobs else "false"}
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1", "--backend-store-uri",
-             f"sqlite:///{tmp}/mlflow.db", "--artifacts-destination", f"{tmp}/artifacts"],
+            mlflow_server_command(f"sqlite:///{tmp}/mlflow.db", Path(tmp, "artifacts"),
+                                  "127.0.0.1", port),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout=180)
@@ -56,6 +55,13 @@ def main() -> None:
         k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
         for jobs, runs in rows.items()}
     save("server_start", figures)
+
+
+def table(figures: dict) -> str:
+    rows = [[setting.replace("_", " "), row["seconds"], row["processes"], row["rss_mib"]]
+            for setting, row in figures.items() if setting.startswith("job_runner")]
+    return markdown_table(["`mlflow server --workers 1`, fresh sqlite",
+                           "to first 200 on /health (s)", "processes", "RSS (MiB)"], rows)
 
 
 if __name__ == "__main__":

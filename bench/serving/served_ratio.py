@@ -1,9 +1,9 @@
 """Served / in-process batch-64 images/s of the chain's deployables, each round measured side by
 side so that the machine's drift (2x over a day on this VM) cancels out.
 
-    PATH=.venv/bin:$PATH .venv/bin/python bench/bench_served_ratio.py [--rounds 5] [--seconds 3]
+    PATH=.venv/bin:$PATH python -m bench.serving.served_ratio [--rounds 5] [--seconds 3]
 
-One `cnn` (trained `--train-epochs` by bench/common.py's plain loop) is converted exactly as the
+One `cnn` (trained `--train-epochs` by bench.common's plain loop) is converted exactly as the
 chain does (export.convert_and_check: `deployable=torchscript` and `deployable=int8`) and saved
 as the chain's pyfunc. Each deployable gets one `mlflow models serve` (1 worker, torch's default
 threads). Each round, per deployable, one after the other:
@@ -22,30 +22,24 @@ Ratios are per round; the medians over rounds are reported. Writes bench/results
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import warnings
-from pathlib import Path
 
-import mlflow.pyfunc
 import torch
 
-from bench_served import b64_body, in_process
-from bench_served import start as start_server
-from common import free_port, save
-from common import stop_process as stop
-from lightcycle.lifecycle import export
-from lightcycle.model import data
+from bench.common import child_env, free_port, markdown_table, rounds_parser, save, trained_cnn
+from bench.common import stop_process as stop
+from bench.serving.served import (b64_body, chain_deployable, in_process, models_serve,
+                                  with_wrapper_at)
+from bench.serving.served import start as start_server
 
 warnings.simplefilter("ignore")
-ROOT = Path(__file__).resolve().parent.parent
 GOAL = 0.6
 
 
@@ -83,23 +77,14 @@ def served(port: int, body: bytes, clients: int, seconds: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser = rounds_parser(__doc__, rounds=5, seconds=3.0)
     parser.add_argument("--train-epochs", type=int, default=3)
     parser.add_argument("--before-rev", default="33aa55c",
                         help="the revision whose serving_model.py is the workers=2 'before'")
     args = parser.parse_args()
 
-    from common import plain_cnn_epochs
-
-    for net, _ in plain_cnn_epochs(args.train_epochs):
-        pass
-    net = net.eval()
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
-           "PYTHONPATH": str(ROOT / "src")}
+    net = trained_cnn(args.train_epochs)
+    env = child_env()
     body = b64_body(64)
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-served-ratio-") as tmp:
@@ -116,25 +101,12 @@ def main() -> None:
 
         try:
             for name, method in (("torchscript", "script"), ("int8", "quantize")):
-                conversion = export.convert_and_check(net, method, data.default_data_dir())
-                archives[name] = os.path.join(tmp, f"{name}.pt")
-                export.save_archive(conversion.module, archives[name])
-                model_dir = os.path.join(tmp, name)
-                kwargs = export.deployable_model_kwargs(archives[name], "torchscript")
-                mlflow.pyfunc.save_model(model_dir, **kwargs)
-                serve(name, lambda port: [os.path.join(bin_dir, "mlflow"), "models", "serve",
-                                          "--env-manager", "local", "-h", "127.0.0.1", "-p",
-                                          str(port), "-m", model_dir])
+                archives[name], model_dir, _ = chain_deployable(net, method, tmp, name)
+                serve(name, lambda port: models_serve(port, model_dir))
                 serve_two_workers(f"{name}_workers2", model_dir)
                 if name == "torchscript":  # and with the wrapper from before the fix
-                    before_code = os.path.join(tmp, "serving_model_before.py")
-                    Path(before_code).write_text(subprocess.run(
-                        ["git", "show",
-                         f"{args.before_rev}:src/lightcycle/serving/serving_model.py"],
-                        cwd=ROOT, check=True, capture_output=True, text=True).stdout)
-                    before_dir = os.path.join(tmp, "before")
-                    mlflow.pyfunc.save_model(before_dir, **{**kwargs, "python_model": before_code})
-                    serve_two_workers(f"{name}_workers2_before", before_dir)
+                    serve_two_workers(f"{name}_workers2_before", with_wrapper_at(
+                        args.before_rev, archives[name], tmp, "before"))
             for r in range(args.rounds):
                 for name, (_, port) in servers.items():
                     if "workers2" in name:
@@ -166,6 +138,15 @@ def main() -> None:
                           "torch_threads_in_process": torch.get_num_threads(),
                           "load_average_at_end": os.getloadavg(), "goal": GOAL,
                           "medians": medians, "rounds_detail": rows})
+
+
+def table(figures: dict) -> str:
+    rows = [[name, row.get("in_process"), row["served_1_client"], row["served_2_clients"],
+             row["ratio_1_client"], row["ratio_2_clients"]]
+            for name, row in figures["medians"].items()]
+    return markdown_table(["server", "in process images/s", "served, 1 client",
+                           "served, 2 clients", "served / in process, 1 client",
+                           f"served / in process, 2 clients (goal >= {figures['goal']})"], rows)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Load on a running `serve`: N concurrent clients post a mix of good and bad requests.
 
-    python bench/load_serve.py --url http://127.0.0.1:5001 --clients 8 --seconds 30 \
-        [--model_uri models:/lightcycle-fashion-scripted@champion] [--pid <server pid>]
+    PATH=.venv/bin:$PATH python -m bench.serving.load --url http://127.0.0.1:5001 --clients 8 \
+        --seconds 30 [--model_uri models:/lightcycle-fashion-scripted@champion] [--pid <pid>]
 
 Good requests are batches of 1, 8 and 64 sample test images whose expected classes come from
 the same model loaded in this process; bad requests break the input contract in different ways
 and must get a 4xx. Prints JSON: throughput, latency percentiles, status counts, wrong answers
-and (with --pid) the server's RSS after warm-up and at the end. tests/test_faults.py runs the
-same `run_load` and asserts on its counts, never on its timings.
+and (with --pid) the server's RSS after warm-up and at the end; writes
+bench/results/load_serve.json. tests/test_faults.py runs the same `run_load` and asserts on its
+counts, never on its timings.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import ROOT, markdown_table, save
+
 SAMPLE_DIR = ROOT / "data" / "sample"
 
 
@@ -191,7 +192,6 @@ def standard_mix(model_uri: str) -> list[Request]:
     """Good requests (expected classes from the model itself) interleaved with bad ones."""
     import mlflow
 
-    sys.path.insert(0, str(ROOT / "src"))
     from lightcycle.model import data
 
     test = data.load_split(SAMPLE_DIR, "test")
@@ -217,12 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run_load(args.url, standard_mix(args.model_uri), args.clients, args.seconds,
                       rss=(lambda: tree_rss_kib(args.pid)) if args.pid else None)
-    text = json.dumps(asdict(result), indent=2)
-    print(text)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "load_serve.json").write_text(text)
+    save("load_serve", asdict(result))
     return 0
+
+
+def table(figures: dict) -> str:
+    return markdown_table(
+        ["clients", "requests/s", "images/s", "p50 (ms)", "p99 (ms)", "5xx", "wrong answers",
+         "bad requests not 4xx", "transport errors"],
+        [[figures["clients"], figures["throughput_rps"], figures["images_per_s"],
+          figures["p50_ms"], figures["p99_ms"], figures["server_errors"],
+          figures["wrong_answers"], figures["bad_not_4xx"], figures["transport_errors"]]])
 
 
 if __name__ == "__main__":

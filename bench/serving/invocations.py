@@ -1,7 +1,7 @@
 """MLflow's whole request handler (`scoring_server.invocations`, no HTTP), today's wrapper beside
 this checkout's, interleaved in one process: robust to a busy machine, unlike served figures.
 
-    PATH=.venv/bin:$PATH .venv/bin/python bench/bench_invocations.py [--repeats 30]
+    PATH=.venv/bin:$PATH python -m bench.serving.invocations [--repeats 30]
 """
 
 from __future__ import annotations
@@ -9,16 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_served import b64_body, images, json_body, save_models  # noqa: E402
-from common import save, untrained_cnn  # noqa: E402
+from bench.common import markdown_table, save, untrained_cnn
+from bench.serving.served import b64_body, images, json_body, save_models
 
 warnings.simplefilter("ignore")
 
@@ -61,6 +59,13 @@ def main() -> None:
     figures = {f"{k}_ms_median": round(statistics.median(v), 2) for k, v in times.items()}
     figures["load_average_at_end"] = os.getloadavg()
     save("invocations", {"batch": 64, "repeats": args.repeats, **figures})
+
+
+def table(figures: dict) -> str:
+    rows = [[key.removesuffix("_ms_median").replace("_", " "), value]
+            for key, value in figures.items() if key.endswith("_ms_median")]
+    return markdown_table([f"batch-{figures['batch']} request, in process", "ms, median of "
+                           f"{figures['repeats']}"], rows)
 
 
 if __name__ == "__main__":

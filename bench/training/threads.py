@@ -1,6 +1,6 @@
 """Torch processes side by side on one machine: torch's default threads vs a share of the cores.
 
-    PATH=.venv/bin:$PATH python bench/bench_threads.py [--processes 2] [--epochs 3]
+    PATH=.venv/bin:$PATH python -m bench.training.threads [--processes 2] [--epochs 3]
 
 Runs `--processes` copies of `steps/train.py` (the `train` step's code, each with its own sqlite
 tracking store) at the same time, first with torch's default intra-op threads (one per core in
@@ -19,17 +19,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-from common import save
+from bench.common import ROOT, child_env, markdown_table, save
 
-ROOT = Path(__file__).resolve().parent.parent
 EPOCH_LINE = re.compile(r"^epoch \d+/\d+ .*\(([\d.]+)s\)$", re.M)
 
 
 def epoch_seconds(processes: int, epochs: int, threads: int | None) -> list[float]:
     with tempfile.TemporaryDirectory(prefix="bench-threads-") as tmp:
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        env = child_env()
         env.pop("OMP_NUM_THREADS", None)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
@@ -66,6 +64,15 @@ def main():
     shared = figures[f"side_by_side_omp_{share}"]["median_epoch_s"]
     figures["default_over_shared"] = round(default / shared, 2)
     save("threads", figures)
+
+
+def table(figures: dict) -> str:
+    rows = [[label.replace("_", " "), row["median_epoch_s"]] for label, row in figures.items()
+            if isinstance(row, dict)]
+    rows.append(["side by side, default threads / a share of the cores",
+                 figures["default_over_shared"]])
+    return markdown_table([f"run ({figures['cores']} cores, {figures['processes']} side by side)",
+                           "median epoch (s)"], rows)
 
 
 if __name__ == "__main__":

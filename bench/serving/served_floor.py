@@ -1,13 +1,13 @@
 """The deployable against MLflow's own serving floor: a no-op pyfunc, side by side.
 
-    PATH=.venv/bin:$PATH .venv/bin/python bench/bench_served_floor.py [--rounds 3]
+    PATH=.venv/bin:$PATH python -m bench.serving.served_floor [--rounds 3]
         [--seconds 3] [--latency-requests 400] [--clients 32] [--train-epochs 3]
 
 The no-op is a models-from-code pyfunc that answers zeros and has no signature: what
 `mlflow models serve` costs before any model does anything. The deployables are the chain's
 (`deployable=torchscript`, the default, and `deployable=int8`), converted as
-bench/bench_served_ratio.py converts them (a `cnn` trained `--train-epochs` by the plain loop of
-bench/common.py). Every server is `mlflow models serve --env-manager local` with the same
+bench.serving.served_ratio converts them (a `cnn` trained `--train-epochs` by the plain loop of
+bench.common). Every server is `mlflow models serve --env-manager local` with the same
 workers (`--workers`, default MLflow's 1) and the caller's environment (torch's default threads
 unless OMP_NUM_THREADS says otherwise).
 
@@ -29,14 +29,12 @@ the same code for both servers. Writes bench/results/served_floor.json.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import http.client
 import json
 import os
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,16 +44,14 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
-from bench_served import b64_body, in_process, json_body
-from bench_served import start as start_server
-from bench_served_ratio import served as served_images_per_s
-from common import free_port, save
-from common import stop_process as stop
-from lightcycle.lifecycle import export
-from lightcycle.model import data
+from bench.common import child_env, free_port, markdown_table, rounds_parser, save, trained_cnn
+from bench.common import stop_process as stop
+from bench.serving.served import (b64_body, chain_deployable, in_process, json_body, models_serve,
+                                  with_wrapper_at)
+from bench.serving.served import start as start_server
+from bench.serving.served_ratio import served as served_images_per_s
 
 warnings.simplefilter("ignore")
-ROOT = Path(__file__).resolve().parent.parent
 GOALS = {"batch1_p50_vs_noop": ("<=", 1.15), "cold_start_vs_noop": ("<=", 1.15),
          "served_b64_batch64_vs_in_process": (">=", 0.6),
          "concurrent_batch1_requests_vs_noop": (">=", 0.9)}
@@ -159,21 +155,11 @@ def save_models(tmp: str, net, before_rev: str) -> dict[str, str]:
     mlflow.pyfunc.save_model(dirs["noop"], python_model=str(noop_code),
                              pip_requirements=[f"mlflow=={mlflow.__version__}"])
     for name, method in DEPLOYABLES:
-        conversion = export.convert_and_check(net, method, data.default_data_dir())
-        dirs[f"{name}_archive"] = os.path.join(tmp, f"{name}.pt")
-        export.save_archive(conversion.module, dirs[f"{name}_archive"])
-        dirs[name] = os.path.join(tmp, name)
-        mlflow.pyfunc.save_model(dirs[name], **export.deployable_model_kwargs(
-            dirs[f"{name}_archive"], "torchscript"))
+        dirs[f"{name}_archive"], dirs[name], _ = chain_deployable(net, method, tmp, name)
     if before_rev:  # the default deployable with the wrapper as it was at `before_rev`
-        code = Path(tmp) / "serving_model_before.py"
-        code.write_text(subprocess.run(
-            ["git", "show", f"{before_rev}:src/lightcycle/serving/serving_model.py"], cwd=ROOT,
-            check=True, capture_output=True, text=True).stdout)
-        dirs["torchscript_before"] = os.path.join(tmp, "torchscript_before")
+        dirs["torchscript_before"] = with_wrapper_at(before_rev, dirs["torchscript_archive"], tmp,
+                                                     "torchscript_before")
         dirs["torchscript_before_archive"] = dirs["torchscript_archive"]
-        mlflow.pyfunc.save_model(dirs["torchscript_before"], **{**export.deployable_model_kwargs(
-            dirs["torchscript_archive"], "torchscript"), "python_model": str(code)})
     return dirs
 
 
@@ -228,10 +214,7 @@ def summarize(values: list[float]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser = rounds_parser(__doc__, rounds=3, seconds=3.0)
     parser.add_argument("--latency-requests", type=int, default=400)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
@@ -243,16 +226,8 @@ def main() -> None:
                              "revision ('' to skip): before and after in the same run")
     args = parser.parse_args()
 
-    from common import plain_cnn_epochs, untrained_cnn
-
-    net = untrained_cnn()
-    if args.train_epochs:
-        for net, _ in plain_cnn_epochs(args.train_epochs):
-            pass
-    net = net.eval()
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
-           "PYTHONPATH": str(ROOT / "src")}
+    net = trained_cnn(args.train_epochs)
+    env = child_env()
     one_json, many_b64 = json_body(1), b64_body(64)
     names = ["noop"] + [name for name, _ in DEPLOYABLES] + (
         ["torchscript_before"] if args.before_rev else [])
@@ -267,9 +242,7 @@ def main() -> None:
                 for name in order:
                     port = free_port()
                     proc, cold = start_server(
-                        [os.path.join(bin_dir, "mlflow"), "models", "serve", "--env-manager",
-                         "local", "-h", "127.0.0.1", "-p", str(port), "-w", str(args.workers),
-                         "-m", dirs[name]], port, env)
+                        models_serve(port, dirs[name], "-w", str(args.workers)), port, env)
                     servers[name] = (proc, port)
                     rows[name].append({"cold_start_s": round(cold, 3)})
                 for name in order:
@@ -333,6 +306,26 @@ def main() -> None:
                           "load_average_at_end": os.getloadavg(), "goals": verdicts,
                           "figures": figures, "in_process_invocations_profile": profile,
                           "rounds_detail": rows})
+
+
+def table(figures: dict) -> str:
+    """Medians over the rounds; each ratio beside its verdict against the goal."""
+    servers = figures["figures"]
+
+    def medians(key: str) -> list:
+        return [row[key]["median"] for row in servers.values()]
+
+    rows = [["cold start (s)", *medians("cold_start_s")],
+            ["batch-1 p50 (ms)", *medians("batch1_p50_ms")],
+            ["server CPU per batch-1 request (ms)", *medians("batch1_server_cpu_ms")],
+            [f"{figures['clients']} clients, requests/s", *medians("concurrent_requests_per_s")],
+            [f"{figures['clients']} clients, errors (most in a round)",
+             *[row["concurrent_errors"]["max"] for row in servers.values()]]]
+    for goal, (sense, bound) in GOALS.items():
+        rows.append([f"{goal.replace('_', ' ')} (goal {sense} {bound})"] + [
+            f"{row['ratios'][goal]['median']} {figures['goals'][f'{name}: {goal} {sense} {bound}']}"
+            if "ratios" in row else "" for name, row in servers.items()])
+    return markdown_table(["measure", *servers], rows)
 
 
 if __name__ == "__main__":

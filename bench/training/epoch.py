@@ -1,10 +1,10 @@
 """Epoch time: `lightcycle.training.train` (Lightning) vs a plain PyTorch loop, same net/data/threads.
 
-    .venv/bin/python bench/bench_epoch.py [--epochs 4] [--rounds 5]
+    PATH=.venv/bin:$PATH python -m bench.training.epoch [--epochs 4] [--rounds 5]
 
 Both sides run the same CNN, the same DataLoader over the same sample, the same augmentation,
 AdamW + OneCycle, per-epoch validation; Lightning side without MLflow (its overhead is
-measured separately by bench_log_model.py). First epoch is warm-up and not counted.
+measured separately by bench.chain.log_model). First epoch is warm-up and not counted.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from common import plain_cnn_epochs, save
+from bench.common import markdown_table, plain_cnn_epochs, save
 from lightcycle.model import data
 from lightcycle.model.classifier import FashionClassifier
 from lightcycle.model.datamodule import FashionMNISTDataModule
@@ -84,6 +84,15 @@ def main():
                    "lightning_epoch_s_median": round(statistics.median(lit), 3),
                    "ratio_median_of_rounds": round(statistics.median(ratios), 3),
                    "ratios_by_round": [round(r, 3) for r in ratios], "goal_ratio": 1.05})
+
+
+def table(figures: dict) -> str:
+    return markdown_table(
+        ["epoch (s)", "fastest", "median"],
+        [["plain PyTorch loop", figures["plain_epoch_s_min"], figures["plain_epoch_s_median"]],
+         ["Lightning", figures["lightning_epoch_s_min"], figures["lightning_epoch_s_median"]],
+         [f"Lightning / plain (goal <= {figures['goal_ratio']}; median: of the rounds' ratios)",
+          figures["ratio_of_fastest"], figures["ratio_median_of_rounds"]]])
 
 
 if __name__ == "__main__":

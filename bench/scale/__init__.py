@@ -1,0 +1,1 @@
+"""Scale benchmarks: tune per trial, torchrun, an unreachable server; the scale curve."""

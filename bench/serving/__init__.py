@@ -1,0 +1,1 @@
+"""Serving benchmarks: the deployable in process and served, MLflow's floor, a load generator."""

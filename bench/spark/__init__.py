@@ -1,0 +1,1 @@
+"""Spark benchmarks: batch scoring and two-process training on local[2]."""

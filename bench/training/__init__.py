@@ -1,0 +1,1 @@
+"""Training benchmarks: epoch cost, threads, the choice of net, checkpoint retention."""
