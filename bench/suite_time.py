@@ -1,6 +1,6 @@
 """The test suite's cost: wall time and the CPU time of every process it started.
 
-    PATH=.venv/bin:$PATH .venv/bin/python -m bench.suite_time [--tier fast|full]
+    PATH=.venv/bin:$PATH python -m bench.suite_time [--tier fast|full] [--pytest-args ARGS]
 
 Runs `make test` (`--tier fast`: `make test PYTEST_ARGS='-m "not slow"'`) from the repository
 root. CPU time is read from a cgroup of its own (cgroup v1 cpuacct or cgroup v2, where this
@@ -21,9 +21,8 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import RESULTS, save
+from bench.common import RESULTS, ROOT, save
 
-ROOT = Path(__file__).resolve().parent.parent
 TIERS = {"fast": '-m "not slow"', "full": ""}
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/cpuacct"), Path("/sys/fs/cgroup/unified"),
                 Path("/sys/fs/cgroup"))

@@ -9,6 +9,7 @@ skipped, saying why, where PostgreSQL is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -203,6 +204,24 @@ def mlflow_run(entry_point: str, params: dict[str, object] | None = None,
         cmd += ["-P", f"{key}={value}"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=PROJECT_ROOT)
+
+
+@contextlib.contextmanager
+def serve_step(model_uri: str, log: Path, env: dict[str, str] | None = None,
+               timeout: float = 180):
+    """`mlflow run . -e serve -P model_uri=...` on a free port, as a user starts it; yields its
+    URL once /ping answers, and stops it (the whole process group) afterwards."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["mlflow", "run", str(PROJECT_ROOT), "-e", "serve", "--env-manager", "local",
+         "-P", f"model_uri={model_uri}", "-P", f"port={port}"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+        env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, timeout=timeout, log=log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(proc)
 
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

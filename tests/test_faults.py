@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 
 from bench.serving import load as load_generator  # shared with the benchmarks (BENCHMARKS.md)
 from conftest import (PROJECT_ROOT, SAMPLE_DIR, check, free_port, mlflow_run, runs_of,
-                      start_tracking_server, stop_process, wait_for_http)
+                      serve_step, start_tracking_server, stop_process, wait_for_http)
 from lightcycle.lifecycle import promote, promotion_lock, registry
 from lightcycle.training import resume
 from lightcycle.training.config import TrainConfig
@@ -640,19 +640,8 @@ def test_fault_alias_moved_while_serving_is_picked_up_by_restart_only(served, tw
                                        atol=1e-5)
         # The documented restart command picks up the moved alias.
         assert scoring_server.resolve_servable(served["champion"]) == f"models:/{name}/{other}"
-        port = free_port()
-        log = tmp_path / "restarted.log"
-        proc = subprocess.Popen(
-            ["mlflow", "run", str(PROJECT_ROOT), "-e", "serve", "--env-manager", "local",
-             "-P", f"model_uri={served['champion']}", "-P", f"port={port}"],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
-            start_new_session=True, env=os.environ.copy())
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180, log=log)
-            np.testing.assert_allclose(served_probabilities(f"http://127.0.0.1:{port}"),
-                                       expected[other], atol=1e-5)
-        finally:
-            stop_process(proc)
+        with serve_step(served["champion"], tmp_path / "restarted.log") as url:
+            np.testing.assert_allclose(served_probabilities(url), expected[other], atol=1e-5)
     finally:
         client.set_registered_model_alias(name, registry.CHAMPION, started_on)
 

@@ -4,14 +4,10 @@ end-to-end check (`make test PYTEST_ARGS='-m "not slow"'`). It reads the session
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 from mlflow import MlflowClient
 
-from conftest import (PROJECT_ROOT, SAMPLE_DIR, check, free_port, mlflow_run, runs_of,
-                      stop_process, wait_for_http)
+from conftest import SAMPLE_DIR, check, mlflow_run, runs_of, serve_step
 from lightcycle.model import data
 
 pytestmark = pytest.mark.xdist_group("sample-chain")
@@ -73,25 +69,15 @@ def test_serve_step_answers_a_batch_with_class_probabilities(chain, tracking_ser
     import numpy as np
     import requests
 
-    port = free_port()
-    log = tmp_path / "serve.log"
-    proc = subprocess.Popen(
-        ["mlflow", "run", str(PROJECT_ROOT), "-e", "serve", "--env-manager", "local",
-         "-P", f"model_uri={chain['champion']}", "-P", f"port={port}"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
-        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_server.url}, start_new_session=True)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, timeout=120, log=log)
+    with serve_step(chain["champion"], tmp_path / "serve.log",
+                    env={"MLFLOW_TRACKING_URI": tracking_server.url}) as url:
         images = data.read_idx_images(SAMPLE_DIR / "FashionMNIST/raw/t10k-images-idx3-ubyte")[:3]
-        answer = requests.post(f"http://127.0.0.1:{port}/invocations",
-                               json={"inputs": images.tolist()}, timeout=30)
+        answer = requests.post(f"{url}/invocations", json={"inputs": images.tolist()}, timeout=30)
         assert answer.status_code == 200, answer.text
         rows = answer.json()["predictions"]
         assert len(rows) == 3
         assert {row["label"] for row in rows} <= set(data.CLASS_NAMES)
         np.testing.assert_allclose([sum(row["probabilities"]) for row in rows], 1.0, atol=1e-5)
-    finally:
-        stop_process(proc)
 
 
 def test_tune_step_runs_a_study_as_a_parent_with_its_trial(chain, tmp_path):
