@@ -56,6 +56,17 @@ def child_env(**extra: str) -> dict[str, str]:
             "PYTHONPATH": pythonpath, **extra}
 
 
+def sqlite_store(directory, name: str = "mlflow.db") -> str:
+    """A fresh sqlite tracking store in `directory` whose artifacts stay there too: left to
+    itself, MLflow puts a sqlite store's artifacts in ./mlruns of whoever opens it first (the
+    benchmarks run from the checkout)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    uri = f"sqlite:///{Path(directory) / name}"
+    SqlAlchemyStore(uri, str(Path(directory) / f"{Path(name).stem}-artifacts"))
+    return uri
+
+
 def file_at(rev: str, path: str) -> str:
     """`path` as it was at git revision `rev`: the code a benchmark compares against."""
     return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True,

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import ROOT, child_env, free_port, markdown_table, save
+from bench.common import ROOT, child_env, free_port, markdown_table, save, sqlite_store
 from lightcycle.operations.postgres import PostgresCluster
 from lightcycle.operations.tracking_server import mlflow_server_command, wait_healthy
 
@@ -53,7 +53,7 @@ def import_cost(module: str) -> tuple[float, bool]:
 def tracking(backend: str, tmp: Path):
     """Yields (tracking URI, extra env) for a fresh store on `backend`."""
     if backend == "sqlite":
-        yield f"sqlite:///{tmp}/mlflow.db", {}
+        yield sqlite_store(tmp), {}
         return
     env, cluster, root = {}, None, None
     if backend == "postgresql":

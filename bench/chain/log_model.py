@@ -12,14 +12,14 @@ import time
 
 import mlflow
 
-from bench.common import markdown_table, save
+from bench.common import markdown_table, save, sqlite_store
 from lightcycle.lifecycle import model_io
 from lightcycle.model.nets import build_net
 
 
 def main(repeats: int = 5):
     with tempfile.TemporaryDirectory() as tmp:
-        mlflow.set_tracking_uri(f"sqlite:///{os.path.join(tmp, 'mlflow.db')}")
+        mlflow.set_tracking_uri(sqlite_store(tmp))
         # Artifacts beside the store: a sqlite store's default, ./mlruns, is the checkout's.
         mlflow.set_experiment(experiment_id=mlflow.create_experiment(
             "bench", artifact_location=os.path.join(tmp, "artifacts")))

@@ -1,4 +1,4 @@
-"""`mlflow server` start-up with and without MLflow's job runner (issue 12: the test suite starts
+"""`mlflow server` start-up with and without MLflow's job runner (the test suite starts
 a dozen servers).
 
     PATH=.venv/bin:$PATH python -m bench.chain.server_start [--repeats 3]

@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (ROOT, child_env, free_port, markdown_table, save, stop_process,
-                          synthetic_data_dir, wait_for_http)
+from bench.common import (ROOT, child_env, free_port, markdown_table, save, sqlite_store,
+                          stop_process, synthetic_data_dir, wait_for_http)
 from bench.serving import load as load_generator
 
 
@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     figures: dict = {"sizes": {}}
     with tempfile.TemporaryDirectory(prefix="lightcycle-scale-") as tmp:
-        env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
+        env = child_env(MLFLOW_TRACKING_URI=sqlite_store(tmp))
         for size in (int(s) for s in args.sizes.split(",")):
             data_dir = (ROOT / "data" / "sample" if size == 720 else
                         synthetic_data_dir(Path(tmp) / f"data-{size}", size, size // 6))

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 
-from bench.common import ROOT, child_env, free_port, markdown_table, save
+from bench.common import ROOT, child_env, free_port, markdown_table, save, sqlite_store
 
 TRAIN = str(ROOT / "steps/train.py")
 
@@ -84,7 +84,7 @@ def unreachable_figures(env) -> dict:
 
 def main():
     with tempfile.TemporaryDirectory() as tmp:
-        env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
+        env = child_env(MLFLOW_TRACKING_URI=sqlite_store(tmp))
         figures = tune_figures(env, tmp)
         figures.update(torchrun_figures(env))
     figures.update(unreachable_figures(dict(os.environ)))

@@ -1,4 +1,4 @@
-"""The deployable's in-process speed and accuracy, every variant in one run (issue 12).
+"""The deployable's in-process speed and accuracy,, every variant in one run.
 
     PATH=.venv/bin:$PATH python -m bench.serving.deployable [--epochs 8] [--seconds 1] [--rounds 5]
         [--threads 2] [--state net.pt] [--no-onnx] [--pt2e]
@@ -9,12 +9,12 @@ accuracy and argmax agreement mean something. Then each variant is built:
 
   eager                  the nn.Module
   scripted               torch.jit.script, saved and reloaded (NCHW weights)
-  frozen                 + torch.jit.freeze: the TorchScript deployable before issue 12
+  frozen                 + torch.jit.freeze: the TorchScript deployable before channels_last
   frozen_channels_last   export.convert("script") + export.optimize: today's TorchScript deployable
   optimized_live         optimize_for_inference with the 3x3 adaptive pool rewritten as
                          AvgPool2d(3, 2); its oneDNN constants cannot be saved, so this is only
                          what a server could get by optimizing after loading
-  pt2                    torch.export, saved and reloaded, NCHW (before issue 12)
+  pt2                    torch.export, saved and reloaded, NCHW weights
   pt2_channels_last      export.convert("export") + check_program: today's pt2 deployable
   int8                   export.convert("quantize") + export.optimize: the int8 deployable
   onnxruntime_fp32/int8  torch.onnx.export + ONNX Runtime (static QDQ int8, per channel), if

@@ -1,4 +1,4 @@
-"""Served figures of issue 12 in one run, each beside its reference (medians over rounds).
+"""Served figures in one run, each beside its reference (medians over rounds).
 
     PATH=.venv/bin:$PATH python -m bench.serving.served [--rounds 3] [--seconds 4]
         [--reference-rev 1879355] [--eager-uri models:/lightcycle-fashion/1]
@@ -7,7 +7,7 @@ One net (`--eager-uri`, or a `cnn` trained `--train-epochs` epochs on the sample
 loop of bench.common; 0: untrained, same shapes and cost) gives:
   * a frozen TorchScript archive (`torch.jit.freeze(torch.jit.script(net))`) behind
     `deployable_model_kwargs`, with this checkout's `serving_model.py` ("new") and with the one
-    at `--reference-rev` ("reference", the wrapper before issue 12);
+    at `--reference-rev` ("reference", an older wrapper);
   * the deployables exactly as the chain builds them now (export.convert_and_check):
     `deployable=torchscript` ("chain_torchscript": channels_last, frozen) and
     `deployable=int8` ("int8": FX static int8, calibrated on the sample's training images);
@@ -44,6 +44,7 @@ import requests
 import torch
 
 from bench.common import (ROOT, VENV_BIN, child_env, file_at, free_port, images_per_second,
+                          sqlite_store,
                           markdown_table, rounds_parser, save, trained_cnn)
 from bench.common import stop_process as stop
 from lightcycle.lifecycle import export, model_io
@@ -206,7 +207,7 @@ def main() -> None:
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-served-") as tmp:
         dirs = save_models(tmp, net, args.reference_rev)
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        env["MLFLOW_TRACKING_URI"] = sqlite_store(tmp)
 
         def servers(port):
             return {

@@ -20,7 +20,7 @@ server after server for each figure in turn:
     archive's in-process batch-64 images/s measured right before and after in this process;
   * `--clients` concurrent batch-1 JSON clients for `--seconds`: requests/s and errors.
 Ratios are per round; their medians (and min-max over rounds) are reported against the goals
-of issue 24. Then, in this process, one batch-1 JSON request through MLflow's own
+of the serving floor (GOALS below). Then, in this process, one batch-1 JSON request through MLflow's own
 `scoring_server.invocations` (the function the server runs in its thread for every request) is
 profiled for the no-op and the deployable: time per request by function, each marked as the
 project's code or not, and the rest of a served request (uvicorn, Starlette, asyncio), which is
@@ -44,7 +44,8 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
-from bench.common import child_env, free_port, markdown_table, rounds_parser, save, trained_cnn
+from bench.common import (child_env, free_port, markdown_table, rounds_parser, save, sqlite_store,
+                          trained_cnn)
 from bench.common import stop_process as stop
 from bench.serving.served import (b64_body, chain_deployable, in_process, json_body, models_serve,
                                   with_wrapper_at)
@@ -234,7 +235,7 @@ def main() -> None:
     rows: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="bench-served-floor-") as tmp:
         dirs = save_models(tmp, net, args.before_rev)
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        env["MLFLOW_TRACKING_URI"] = sqlite_store(tmp)
         for r in range(args.rounds):
             order = names if r % 2 == 0 else names[::-1]
             servers = {}

@@ -33,7 +33,8 @@ import warnings
 
 import torch
 
-from bench.common import child_env, free_port, markdown_table, rounds_parser, save, trained_cnn
+from bench.common import (child_env, free_port, markdown_table, rounds_parser, save, sqlite_store,
+                          trained_cnn)
 from bench.common import stop_process as stop
 from bench.serving.served import (b64_body, chain_deployable, in_process, models_serve,
                                   with_wrapper_at)
@@ -88,7 +89,7 @@ def main() -> None:
     body = b64_body(64)
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-served-ratio-") as tmp:
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        env["MLFLOW_TRACKING_URI"] = sqlite_store(tmp)
         archives, servers = {}, {}
 
         def serve(name: str, command_on) -> None:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from bench.common import ROOT, child_env, markdown_table, save
+from bench.common import ROOT, child_env, markdown_table, save, sqlite_store
 
 ENGINES = {
     "ddp_devices2": ["--devices", "2", "--strategy", "ddp"],
@@ -54,7 +54,7 @@ def main():
     figures: dict = {"load_average_at_start": os.getloadavg(), "epochs": args.epochs,
                      "data": "data/sample (720 train / 80 val images), cnn"}
     with tempfile.TemporaryDirectory(prefix="bench-spark-train-") as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
+        uri = sqlite_store(tmp)
         env = child_env(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
         client = mlflow.MlflowClient(uri)
         for round_ in range(args.rounds):

@@ -1,4 +1,4 @@
-"""Artifact bytes of a train run's checkpoints before and after retention (issue 22).
+"""Artifact bytes of a train run's checkpoints before and after retention.
 
     PATH=.venv/bin:$PATH python -m bench.training.checkpoint_retention [EPOCHS (40)] [MODEL (cnn)]
 

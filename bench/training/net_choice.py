@@ -1,4 +1,4 @@
-"""Is there a cheaper net with the same accuracy? Candidates beside today's `cnn` (issue 12).
+"""Is there a cheaper net with the same accuracy? Candidates beside today's `cnn`.
 
     PATH=.venv/bin:$PATH python -m bench.training.net_choice [--epochs 15] [--seeds 0 1 2]
         [--seconds 2] [--rounds 2] [--candidates cnn stem16 ...]

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.common import ROOT, child_env, markdown_table, save
+from bench.common import ROOT, child_env, markdown_table, save, sqlite_store
 
 EPOCH_LINE = re.compile(r"^epoch \d+/\d+ .*\(([\d.]+)s\)$", re.M)
 
@@ -34,7 +34,7 @@ def epoch_seconds(processes: int, epochs: int, threads: int | None) -> list[floa
         procs = [subprocess.Popen(
             [sys.executable, str(ROOT / "steps" / "train.py"), "--epochs", str(epochs),
              "--data_dir", str(ROOT / "data" / "sample")],
-            env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow{i}.db"}, cwd=tmp,
+            env={**env, "MLFLOW_TRACKING_URI": sqlite_store(tmp, f"mlflow{i}.db")}, cwd=tmp,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for i in range(processes)]
         outputs = [p.communicate()[0] for p in procs]
