@@ -662,7 +662,8 @@ def auth_server(tmp_path_factory):
         f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
         f"admin_username = {ADMIN}\n"
         # MLflow's basic auth, plus bearer tokens (MLFLOW_TRACKING_TOKEN): tests/token_auth.py
-        "authorization_function = token_auth:authenticate\n")
+        "authorization_function = token_auth:authenticate\n"
+        "auth_cache_ttl_seconds = 60\n")  # as `make server AUTH=1` has it
     token = secrets.token_urlsafe(18)
     server = start_tracking_server(
         root, extra_args=["--app-name", "basic-auth"],

@@ -25,7 +25,8 @@ def team(tmp_path_factory):
     admin_password = secrets.token_urlsafe(18)
     settings = {"default_permission": "READ", "admin_username": "admin",
                 "database_uri": f"sqlite:///{root / 'basic_auth.db'}",
-                "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}
+                "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+                "auth_cache_ttl_seconds": "60"}  # as `make server AUTH=1` has it
     (root / "auth.ini").write_text("[mlflow]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
     server = start_tracking_server(root, extra_args=["--app-name", "basic-auth"], env={
         "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
