@@ -31,6 +31,7 @@ from lightcycle.lifecycle import promote, promotion_lock, registry
 from lightcycle.training import resume
 from lightcycle.training.config import TrainConfig
 from lightcycle.model import data
+from lightcycle.operations.tracking_server import AUTH_CACHE_TTL_S
 from lightcycle.serving import scoring_server
 
 pytestmark = pytest.mark.slow
@@ -663,7 +664,7 @@ def auth_server(tmp_path_factory):
         f"admin_username = {ADMIN}\n"
         # MLflow's basic auth, plus bearer tokens (MLFLOW_TRACKING_TOKEN): tests/token_auth.py
         "authorization_function = token_auth:authenticate\n"
-        "auth_cache_ttl_seconds = 60\n")  # as `make server AUTH=1` has it
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n")  # as `make server AUTH=1`
     token = secrets.token_urlsafe(18)
     server = start_tracking_server(
         root, extra_args=["--app-name", "basic-auth"],

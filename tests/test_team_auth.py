@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from conftest import PROJECT_ROOT, runs_of, start_tracking_server, stop_process
 from lightcycle.errors import UserError
 from lightcycle.lifecycle import connection, promotion_lock
+from lightcycle.operations.tracking_server import AUTH_CACHE_TTL_S
 
 pytestmark = pytest.mark.slow
 ENV_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -26,7 +27,7 @@ def team(tmp_path_factory):
     settings = {"default_permission": "READ", "admin_username": "admin",
                 "database_uri": f"sqlite:///{root / 'basic_auth.db'}",
                 "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
-                "auth_cache_ttl_seconds": "60"}  # as `make server AUTH=1` has it
+                "auth_cache_ttl_seconds": AUTH_CACHE_TTL_S}  # as `make server AUTH=1`
     (root / "auth.ini").write_text("[mlflow]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
     server = start_tracking_server(root, extra_args=["--app-name", "basic-auth"], env={
         "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),

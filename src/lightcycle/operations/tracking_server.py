@@ -49,6 +49,11 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None
     raise UserError(f"mlflow server did not answer {url}/health within {timeout:.0f}s.")
 
 
+# MLflow's credential cache (auth_cache_ttl_seconds): without it every request pays a scrypt
+# check of the password, about 120 ms of CPU on a 2-core machine.
+AUTH_CACHE_TTL_S = 60
+
+
 def _secret(path: Path) -> str:
     """A random secret kept in a 0600 file, created on first use."""
     if not path.exists():
@@ -68,9 +73,7 @@ def _auth_env(state: Path) -> dict[str, str]:
         "admin_username = admin\n"
         f"admin_password = {password}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        # MLflow's credential cache: without it every request pays a scrypt check of the
-        # password (about 120 ms of CPU here), and a chain makes hundreds of requests.
-        "auth_cache_ttl_seconds = 60\n"
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n"
     )
     config.chmod(0o600)
     return {"MLFLOW_AUTH_CONFIG_PATH": str(config),
