@@ -30,8 +30,8 @@ def trained_cnn():
     weights wherever it runs. Trained in float32, they are not: the float kernels round
     differently by instruction set and thread count, enough for int8 to lose one image for some
     (seed, epochs) pairs on some CPUs. Trained in float64, the weights of 1- and 2-thread
-    training agree to 10 digits, and int8 keeps every
-    held-out image's class for seeds 0-3. The net is then cast to float32, as a logged net is."""
+    training agree to 10 digits, and int8 keeps every held-out image's class for seeds 0-3.
+    The net is then cast to float32, as a logged net is."""
     from lightcycle.model.datamodule import FashionMNISTDataModule
 
     torch.manual_seed(0)
