@@ -339,19 +339,10 @@ def test_standalone_predict_refuses_an_output_only_executors_would_see(
     assert run.info.status == "FAILED"
 
 
-def test_main_engine_spark_completes_the_chain(tracking_uri, experiment, model_name):
-    """`mlflow run . --env-manager local -P engine=spark`: train on local[2], then the chain."""
-    check(mlflow_run("main", {"engine": "spark", "epochs": 1, "model_name": model_name,
-                              "min_accuracy": 0.1}, experiment))
-    assert_one_train_run_like_local(experiment, epochs=1)
-    for step in ("main", "register", "torchscript", "promote"):
-        assert [r.info.status for r in runs_of(experiment, step)] == ["FINISHED"], step
-    client = mlflow.MlflowClient()
-    champion = client.get_model_version_by_alias(f"{model_name}-scripted", "champion")
-    assert champion.status == "READY"
-
-
-def test_engine_spark_train_resumes_after_the_step_is_killed(tracking_uri, experiment, tmp_path):
+def test_engine_spark_train_resumes_when_main_reruns_after_the_step_is_killed(
+        tracking_uri, experiment, model_name, tmp_path):
+    """`-e train -P engine=spark` killed after a checkpoint; then `mlflow run . -P engine=spark`
+    (`main`): its train step resumes on local[2] and the rest of the chain completes."""
     params = {"engine": "spark", "epochs": 3, "model": "mlp"}
     client = mlflow.MlflowClient()
     log = tmp_path / "first.log"
@@ -376,7 +367,8 @@ def test_engine_spark_train_resumes_after_the_step_is_killed(tracking_uri, exper
     faults.poll(lambda: not [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
                              if marker in faults.environ(p)], 60, "the ranks to exit")
 
-    rerun = check(mlflow_run("train", params, experiment))
+    rerun = check(mlflow_run("main", {**params, "model_name": model_name, "min_accuracy": 0.1},
+                             experiment))
     (resumed,) = runs_of(experiment, "train", "FINISHED")
     assert resumed.data.tags["lightcycle.resumed_from"] == killed.info.run_id
     assert int(resumed.data.tags["lightcycle.resumed_from_epoch"]) == saved[-1]
@@ -385,6 +377,11 @@ def test_engine_spark_train_resumes_after_the_step_is_killed(tracking_uri, exper
     assert f"rank 0: resuming from run {killed.info.run_id}" in out
     assert f"rank 1: resuming from run {killed.info.run_id}" in out
     assert resumed.data.params["world_size"] == "2"
+    for step in ("main", "register", "torchscript", "promote"):
+        assert [r.info.status for r in runs_of(experiment, step)] == ["FINISHED"], step
+    champion = client.get_model_version_by_alias(f"{model_name}-scripted", "champion")
+    assert champion.status == "READY" and champion.run_id != resumed.info.run_id
+    assert client.get_model_version(model_name, "1").run_id == resumed.info.run_id
 
 
 def test_engine_spark_settings_are_checked_before_anything_starts():

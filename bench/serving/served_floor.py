@@ -24,7 +24,16 @@ of the serving floor (GOALS below). Then, in this process, one batch-1 JSON requ
 `scoring_server.invocations` (the function the server runs in its thread for every request) is
 profiled for the no-op and the deployable: time per request by function, each marked as the
 project's code or not, and the rest of a served request (uvicorn, Starlette, asyncio), which is
-the same code for both servers. Writes bench/results/served_floor.json.
+the same code for both servers; and the base64 batch-64 request the same way (deployables).
+Last, the floors each goal sits on, measured in this run beside the figure they limit:
+  * the net's batch-1 forward pass alone (the archive, `torch.jit.load`, one thread as the
+    deployable runs small batches, inference mode, median of `--profile-requests` calls),
+    against the time the batch-1 goal allows on top of the no-op's p50 (15% of it) and the CPU
+    the 32-client goal allows on top of the no-op's CPU per request (1/0.9 - 1 of it);
+  * importing torch in a fresh process that has imported MLflow's scoring server (median of
+    3, alternating with the scoring server alone), against the 15% of the no-op's cold start
+    the cold-start goal allows.
+Writes bench/results/served_floor.json.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import json
 import os
 import pstats
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -47,8 +57,8 @@ import mlflow.pyfunc
 from bench.common import (child_env, free_port, markdown_table, rounds_parser, save, sqlite_store,
                           trained_cnn)
 from bench.common import stop_process as stop
-from bench.serving.served import (b64_body, chain_deployable, in_process, json_body, models_serve,
-                                  with_wrapper_at)
+from bench.serving.served import (b64_body, chain_deployable, images, in_process, json_body,
+                                  models_serve, with_wrapper_at)
 from bench.serving.served import start as start_server
 from bench.serving.served_ratio import served as served_images_per_s
 
@@ -164,14 +174,15 @@ def save_models(tmp: str, net, before_rev: str) -> dict[str, str]:
     return dirs
 
 
-def profile_invocations(dirs: dict[str, str], body: bytes, n: int) -> dict:
+def profile_invocations(dirs: dict[str, str], body: bytes, n: int,
+                        names: list[str] | None = None) -> dict:
     """One batch-1 JSON request through MLflow's `invocations`, in this process, per model:
     median microseconds per request, and cProfile's own time per function (microseconds per
     request; `project`: the function is in the deployable's serving_model.py)."""
     from mlflow.pyfunc import scoring_server
 
     out = {}
-    for name in ["noop"] + [n for n, _ in DEPLOYABLES]:
+    for name in names or ["noop"] + [n for n, _ in DEPLOYABLES]:
         model = scoring_server.load_model_with_mlflow_config(dirs[name])
         scoring_server.init(model)
         schema = model.metadata.get_input_schema()
@@ -206,6 +217,66 @@ def profile_invocations(dirs: dict[str, str], body: bytes, n: int) -> dict:
             by_where[row["where"]] = round(by_where.get(row["where"], 0) + row["us_per_request"], 1)
         out[name] = {"median_us": round(statistics.median(times) * 1e6), "profiled_us_by_where":
                      by_where, "top_functions": [r for r in rows if r["us_per_request"] >= 5][:25]}
+    return out
+
+
+def forward_alone_us(archive: str, n: int) -> float:
+    """Median microseconds of the archive's batch-1 forward pass, as the deployable runs it."""
+    import torch
+
+    module = torch.jit.load(archive, map_location="cpu").eval()
+    x = torch.from_numpy(images(1)[:, None].astype("float32"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for _ in range(50):
+                module(x)
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                module(x)
+                times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times) * 1e6
+
+
+def torch_import_s(env: dict, rounds: int = 3) -> dict:
+    """Seconds to import MLflow's scoring server in a fresh process, and it plus torch: the
+    difference is what a torch model's server imports beyond a no-op's."""
+    base = "import mlflow.pyfunc.scoring_server"
+    times: dict[str, list[float]] = {"scoring_server": [], "scoring_server_and_torch": []}
+    for _ in range(rounds):
+        for key, code in (("scoring_server", base), ("scoring_server_and_torch", base + ", torch")):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], env=env, check=True)
+            times[key].append(time.perf_counter() - t)
+    medians = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    medians["torch_beyond_scoring_server"] = round(
+        medians["scoring_server_and_torch"] - medians["scoring_server"], 3)
+    return medians
+
+
+def floors(figures: dict, dirs: dict[str, str], env: dict, n: int) -> dict:
+    """Each goal's allowance beside the part of it no wrapper code can remove."""
+    noop = figures["noop"]
+    p50_us = noop["batch1_p50_ms"]["median"] * 1000
+    cpu_us = noop["concurrent_server_cpu_ms"]["median"] * 1000
+    imports = torch_import_s(env)
+    out = {"torch_import_s": imports,
+           "cold_start_allowance_s": round(0.15 * noop["cold_start_s"]["median"], 3)}
+    for name, _ in DEPLOYABLES:
+        forward = forward_alone_us(dirs[f"{name}_archive"], n)
+        out[name] = {"batch1_forward_alone_us": round(forward),
+                     "batch1_p50_allowance_us": round(0.15 * p50_us),
+                     "concurrent_cpu_allowance_us": round((1 / 0.9 - 1) * cpu_us),
+                     "served_extra_p50_us": round(
+                         (figures[name]["batch1_p50_ms"]["median"] - noop["batch1_p50_ms"]["median"])
+                         * 1000),
+                     "served_extra_cpu_per_request_us": round(
+                         (figures[name]["concurrent_server_cpu_ms"]["median"]
+                          - noop["concurrent_server_cpu_ms"]["median"]) * 1000)}
     return out
 
 
@@ -287,9 +358,12 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds}:", json.dumps({k: v[-1] for k, v in rows.items()}),
                   file=sys.stderr, flush=True)
         profile = profile_invocations(dirs, one_json, args.profile_requests)
+        profile_b64 = profile_invocations(dirs, many_b64, max(args.profile_requests // 20, 20),
+                                          [name for name, _ in DEPLOYABLES])
+        figures = {name: {k: summarize([row[k] for row in got])
+                          for k in got[0] if k != "ratios"} for name, got in rows.items()}
+        floor = floors(figures, dirs, env, args.profile_requests)
 
-    figures = {name: {k: summarize([row[k] for row in got])
-                      for k in got[0] if k != "ratios"} for name, got in rows.items()}
     verdicts = {}
     for name in names[1:]:
         figures[name]["ratios"] = {}
@@ -305,7 +379,8 @@ def main() -> None:
                           "workers": args.workers,
                           "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
                           "load_average_at_end": os.getloadavg(), "goals": verdicts,
-                          "figures": figures, "in_process_invocations_profile": profile,
+                          "figures": figures, "floors": floor, "in_process_invocations_profile": profile,
+                          "in_process_b64_batch64_profile": profile_b64,
                           "rounds_detail": rows})
 
 
@@ -326,6 +401,29 @@ def table(figures: dict) -> str:
         rows.append([f"{goal.replace('_', ' ')} (goal {sense} {bound})"] + [
             f"{row['ratios'][goal]['median']} {figures['goals'][f'{name}: {goal} {sense} {bound}']}"
             if "ratios" in row else "" for name, row in servers.items()])
+    floor = figures.get("floors")
+    if floor:  # each goal's allowance beside what no wrapper code can remove, same run
+
+        def per_deployable(label: str, value) -> list:
+            return [label] + [value(floor[name]) if name in floor else "" for name in servers]
+
+        torch_import = floor["torch_import_s"]["torch_beyond_scoring_server"]
+        rows += [
+            per_deployable("batch-1 p50 beyond the no-op's (us)",
+                           lambda f: f["served_extra_p50_us"]),
+            per_deployable("batch-1: the goal's allowance, 15% of the no-op's p50 (us)",
+                           lambda f: f["batch1_p50_allowance_us"]),
+            per_deployable("batch-1: the net's forward pass alone, in process (us)",
+                           lambda f: f["batch1_forward_alone_us"]),
+            per_deployable("32 clients: server CPU per request beyond the no-op's (us)",
+                           lambda f: f["served_extra_cpu_per_request_us"]),
+            per_deployable("32 clients: the goal's allowance (us)",
+                           lambda f: f["concurrent_cpu_allowance_us"]),
+            per_deployable("cold start: the goal's allowance, 15% of the no-op's (s)",
+                           lambda f: floor["cold_start_allowance_s"]),
+            per_deployable("cold start: importing torch after MLflow's scoring server (s)",
+                           lambda f: torch_import),
+        ]
     return markdown_table(["measure", *servers], rows)
 
 
