@@ -116,7 +116,11 @@ FIGURES = {
                    "cold_start_allowance_s": 0.75,
                    **{name: {"batch1_forward_alone_us": 400, "batch1_p50_allowance_us": 300,
                              "concurrent_cpu_allowance_us": 200, "served_extra_p50_us": 500,
-                             "served_extra_cpu_per_request_us": 600}
+                             "served_extra_cpu_per_request_us": 600,
+                             "without_project_code": {"project_us_per_batch1_request": 90,
+                                                      "project_us_per_b64_batch64_request": 200,
+                                                      "project_load_s": 0.1,
+                                                      **{goal: 1.2 for goal in served_floor.GOALS}}}
                       for name in ("torchscript", "int8")}},
         "in_process_invocations_profile": {}, "in_process_b64_batch64_profile": {},
         "rounds_detail": {}},
