@@ -21,6 +21,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@# The editable install's metadata lives in .venv; setuptools' copy in src/ is a leftover
+	@# that would stand in the checkout (README: nothing outside .venv).
+	@rm -rf src/lightcycle.egg-info
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

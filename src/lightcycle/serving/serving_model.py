@@ -177,11 +177,13 @@ def _keep_tcp_nodelay() -> None:
     """Give every accepted TCP connection TCP_NODELAY, as a single uvicorn worker does.
 
     `mlflow models serve -w N` (N > 1) runs `uvicorn --workers N`, which binds the listening
-    socket itself with `proto` 0. Accepted sockets inherit that, and asyncio sets TCP_NODELAY
+    socket itself; uvicorn releases before the fix of its issue 3149 bind it with `proto` 0
+    (0.55.0 sets IPPROTO_TCP). Accepted sockets inherit that, and asyncio sets TCP_NODELAY
     only where `proto == IPPROTO_TCP`, so Nagle's algorithm stays on and each keep-alive
-    response waits for the client's delayed ACK: about 40 ms a request on Linux (uvicorn issue
-    3149; bench/serving/served_ratio.py measures it). Idempotent; process-wide, so only called
-    inside the scoring server."""
+    response waits for the client's delayed ACK: about 40 ms a request on Linux
+    (bench/serving/served_ratio.py measures it). uvicorn is not pinned, so a serving
+    environment may hold either. Idempotent; process-wide, so only called inside the scoring
+    server."""
     import asyncio.base_events
     import socket
 
