@@ -15,7 +15,8 @@ from lightcycle.serving import serving_model
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
+def saved(tmp_path_factory):
+    """(the deployable's model dir, its archive), saved as the chain saves them."""
     import mlflow.pyfunc
 
     torch.manual_seed(0)
@@ -23,6 +24,14 @@ def classifier(tmp_path_factory):
     export.save_archive(torch.jit.freeze(torch.jit.script(build_net("cnn").eval())), archive)
     model_dir = str(tmp_path_factory.mktemp("floor") / "model")
     mlflow.pyfunc.save_model(model_dir, **export.deployable_model_kwargs(archive, "torchscript"))
+    return model_dir, archive
+
+
+@pytest.fixture(scope="module")
+def classifier(saved):
+    import mlflow.pyfunc
+
+    model_dir, archive = saved
     model = mlflow.pyfunc.load_model(model_dir)
     return model.unwrap_python_model(), torch.jit.load(archive).eval()
 
@@ -64,3 +73,42 @@ def test_the_forward_path_still_refuses_bad_input(classifier, bad):
     with pytest.raises(MlflowException, match="expected raw pixels") as raised:
         wrapper.predict(None, bad)
     assert raised.value.get_http_status_code() == 400
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_the_scoring_server_writes_the_same_answer_with_the_c_json_encoder(saved, monkeypatch,
+                                                                            batch):
+    """Loaded in MLflow's scoring server, the deployable has the server write its records with
+    `json.dumps` (C encoder) instead of `json.dump` (pure Python): the same bytes as MLflow's own
+    writer, through the server's whole request handler; other outputs still take MLflow's."""
+    import io
+    import json
+
+    import pandas as pd
+    from mlflow.pyfunc import scoring_server
+
+    writer = scoring_server.predictions_to_json
+    mlflow_writer = getattr(writer, "__wrapped__", writer)
+    # As the server process has it; restored after the test, with MLflow's own functions.
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
+    monkeypatch.setattr(scoring_server, "predictions_to_json", mlflow_writer)
+    monkeypatch.setattr(scoring_server, "infer_and_parse_data", scoring_server.infer_and_parse_data)
+    model = scoring_server.load_model_with_mlflow_config(saved[0])
+    assert scoring_server.predictions_to_json is not mlflow_writer  # the deployable's writer
+
+    pixels = example_input(batch).numpy()
+    response = scoring_server.invocations(json.dumps({"inputs": pixels.tolist()}),
+                                          "application/json", model, None)
+    assert response.status == 200, response.response[:500]
+    records = model.predict(pixels)
+    assert type(records) is list and len(records) == batch
+    expected = io.StringIO()
+    mlflow_writer(records, expected)
+    assert response.response == expected.getvalue()
+
+    # Anything but the deployable's records goes to MLflow's writer unchanged.
+    for other, metadata in ((pd.DataFrame({"a": [1.5]}), None), (records, {"m": 1})):
+        ours, theirs = io.StringIO(), io.StringIO()
+        scoring_server.predictions_to_json(other, ours, metadata)
+        mlflow_writer(other, theirs, metadata)
+        assert ours.getvalue() == theirs.getvalue()

@@ -16,7 +16,8 @@ numpy turns `[true, 3]` into numbers. So when the model is loaded inside the sco
 wraps the server's parser (`_install_request_parser`) to refuse JSON booleans while the raw
 list is still there; the same wrapper skips the server's deepcopy of the list (the largest part
 of a batch-64 request). In the serving process `predict` also returns plain records instead of
-a DataFrame: the same JSON, a fraction of the cost. Everywhere else it returns the DataFrame.
+a DataFrame, which the server then writes with the C JSON encoder (`_install_response_writer`):
+the same JSON, a fraction of the cost. Everywhere else it returns the DataFrame.
 In uvicorn's worker processes it also restores TCP_NODELAY, which `-w N` loses
 (`_keep_tcp_nodelay`).
 """
@@ -173,6 +174,34 @@ def _install_request_parser() -> None:
     server.infer_and_parse_data = infer_and_parse_data
 
 
+def _install_response_writer() -> None:
+    """Inside MLflow's scoring server, write the records `predict` returns with `json.dumps`.
+
+    The server writes every answer with `json.dump(..., stream)`, which takes Python's
+    pure-Python encoder (only `dumps` takes the C one): for a batch of 64, the 640
+    probabilities cost more than the net's forward pass. `dumps` with the same encoder class
+    writes the same bytes. Only this wrapper's records take that path; anything else (another
+    model's output, metadata) goes to MLflow's writer as is. Idempotent."""
+    import functools
+    import json
+    import sys
+
+    server = sys.modules.get("mlflow.pyfunc.scoring_server")
+    original = getattr(server, "predictions_to_json", None)
+    if original is None or getattr(original, "_lightcycle", False):
+        return
+
+    @functools.wraps(original)
+    def predictions_to_json(raw_predictions, output, metadata=None):
+        if metadata is None and type(raw_predictions) is list:
+            output.write(json.dumps({"predictions": raw_predictions}, cls=server.NumpyEncoder))
+            return None
+        return original(raw_predictions, output, metadata)
+
+    predictions_to_json._lightcycle = True
+    server.predictions_to_json = predictions_to_json
+
+
 def _keep_tcp_nodelay() -> None:
     """Give every accepted TCP connection TCP_NODELAY, as a single uvicorn worker does.
 
@@ -238,6 +267,7 @@ class DeployedClassifier(PythonModel):
         for batch in (1, SMALL_BATCH + 1):
             self._forward(torch.zeros(batch, 1, 28, 28))
         _install_request_parser()
+        _install_response_writer()
         if "mlflow.pyfunc.scoring_server.app" in sys.modules:  # being imported by uvicorn
             _keep_tcp_nodelay()
 
