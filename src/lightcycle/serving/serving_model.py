@@ -142,36 +142,49 @@ def validate_pixels(batch, max_batch: int = DEFAULT_MAX_BATCH) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
+def _wrap_scoring_server(name: str, wrap) -> None:
+    """Replace `name` in MLflow's scoring server by `wrap(server, original)`, once: idempotent,
+    and nothing happens when the scoring server was not imported (in-process use). The
+    replacement keeps MLflow's function as `__wrapped__`."""
+    import functools
+    import sys
+
+    server = sys.modules.get("mlflow.pyfunc.scoring_server")
+    original = getattr(server, name, None)
+    if original is None or getattr(original, "_lightcycle", False):
+        return
+    replacement = functools.wraps(original)(wrap(server, original))
+    replacement._lightcycle = True
+    setattr(server, name, replacement)
+
+
 def _install_request_parser() -> None:
     """Inside MLflow's scoring server (or `mlflow models predict`), wrap its JSON parser so that
     `{"inputs": [...]}` is checked for booleans before numpy casts them to numbers, and turned
     into an array without the server's deepcopy of the nested list. Everything else (other
-    keys, other shapes of body, a model with an input schema) goes to MLflow's parser as is.
-    Idempotent; does nothing when the scoring server was not imported (in-process use)."""
-    import sys
+    keys, other shapes of body, a model with an input schema) goes to MLflow's parser as is."""
 
-    server = sys.modules.get("mlflow.pyfunc.scoring_server")
-    original = getattr(server, "infer_and_parse_data", None)
-    if original is None or getattr(original, "_lightcycle", False):
-        return
-    from mlflow.utils.proto_json_utils import MlflowInvalidInputException
+    def wrap(server, original):
+        from mlflow.utils.proto_json_utils import MlflowInvalidInputException
 
-    def infer_and_parse_data(data, schema=None):
-        if schema is None and isinstance(data, dict) and list(data) == ["inputs"]:
-            value = data["inputs"]
-            if isinstance(value, list):
-                if contains_boolean(value):
-                    raise _boolean_error()
-                try:  # what MLflow's parser does for a list with no schema, minus the deepcopy
-                    return np.array(value)
-                except Exception as exc:
-                    raise MlflowInvalidInputException(
-                        f"Ensure that the input is a valid JSON-formatted string.\nError: {exc!r}"
-                    ) from exc
-        return original(data, schema)
+        def infer_and_parse_data(data, schema=None):
+            if schema is None and isinstance(data, dict) and list(data) == ["inputs"]:
+                value = data["inputs"]
+                if isinstance(value, list):
+                    if contains_boolean(value):
+                        raise _boolean_error()
+                    try:  # what MLflow's parser does for a list with no schema, minus the deepcopy
+                        return np.array(value)
+                    except Exception as exc:
+                        raise MlflowInvalidInputException(
+                            "Ensure that the input is a valid JSON-formatted string.\n"
+                            f"Error: {exc!r}"
+                        ) from exc
+            return original(data, schema)
 
-    infer_and_parse_data._lightcycle = True
-    server.infer_and_parse_data = infer_and_parse_data
+        return infer_and_parse_data
+
+    _wrap_scoring_server("infer_and_parse_data", wrap)
 
 
 def _install_response_writer() -> None:
@@ -181,25 +194,20 @@ def _install_response_writer() -> None:
     pure-Python encoder (only `dumps` takes the C one): for a batch of 64, about 0.5 ms of a
     7.6 ms request in process (BENCHMARKS.md, Serving). `dumps` with the same encoder class
     writes the same bytes. Only this wrapper's records take that path; anything else (another
-    model's output, metadata) goes to MLflow's writer as is. Idempotent."""
-    import functools
-    import json
-    import sys
+    model's output, metadata) goes to MLflow's writer as is."""
 
-    server = sys.modules.get("mlflow.pyfunc.scoring_server")
-    original = getattr(server, "predictions_to_json", None)
-    if original is None or getattr(original, "_lightcycle", False):
-        return
+    def wrap(server, original):
+        import json
 
-    @functools.wraps(original)
-    def predictions_to_json(raw_predictions, output, metadata=None):
-        if metadata is None and type(raw_predictions) is list:
-            output.write(json.dumps({"predictions": raw_predictions}, cls=server.NumpyEncoder))
-            return None
-        return original(raw_predictions, output, metadata)
+        def predictions_to_json(raw_predictions, output, metadata=None):
+            if metadata is None and type(raw_predictions) is list:
+                output.write(json.dumps({"predictions": raw_predictions}, cls=server.NumpyEncoder))
+                return None
+            return original(raw_predictions, output, metadata)
 
-    predictions_to_json._lightcycle = True
-    server.predictions_to_json = predictions_to_json
+        return predictions_to_json
+
+    _wrap_scoring_server("predictions_to_json", wrap)
 
 
 def _keep_tcp_nodelay() -> None:
