@@ -5,10 +5,18 @@ from lightcycle.cli import dataclass_parser, run_step
 
 def main(argv=None):
     from lightcycle.training.config import TrainConfig
-    from lightcycle.training.train import train
 
     args = dataclass_parser(TrainConfig, __doc__).parse_args(argv)
-    train(TrainConfig(**vars(args)))
+    cfg = TrainConfig(**vars(args))
+    # Two engines, one training function: Spark's tasks each run lightcycle.training.train.
+    if cfg.on_spark:
+        from lightcycle.training.spark_train import train_on_spark
+
+        train_on_spark(cfg)
+    else:
+        from lightcycle.training.train import train
+
+        train(cfg)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,31 @@ def test_layers_keep_their_import_rules(package):
     assert not [m for m in loaded for f in forbidden if m == f or m.startswith(f + ".")]
 
 
+def test_no_module_of_src_is_part_of_an_import_circle():
+    """No chain of imports (lazy ones included) leads from a module of src/ back to itself:
+    e.g. the Spark engine calls the training function, and training never imports Spark."""
+    modules = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in SRC.rglob("*.py")}
+    graph = {name: {m for n in _direct_imports(path) for m in (n, n.rpartition(".")[0])
+                    if m in modules and m != name and not name.startswith(m + ".")}
+             for name, path in modules.items()}
+
+    def circle_from(start):
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return path + [start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+        return None
+
+    circles = [c for c in map(circle_from, sorted(graph)) if c]
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
 def test_every_module_of_src_imports():
     """The fast tier loads every module once, so an import-time error cannot wait for the slow
     tier (or a user) to find it."""

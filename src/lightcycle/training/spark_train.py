@@ -1,7 +1,7 @@
 """`train -P engine=spark`: the same training, in `num_processes` Spark barrier tasks.
 
 pyspark's TorchDistributor starts one torchrun node per task (one process, or one per GPU the
-task holds) and each process runs lightcycle.training.train.train_here, the code a local or
+task holds) and each process runs lightcycle.training.train.train, the code a local or
 torchrun launch runs. The step, as the Spark driver, owns the MLflow run: it starts it (under
 `mlflow run`, it takes the one `mlflow run` made) and hands the tasks its id with the tracking
 URI, the experiment and MLflow's own credential variables, so no spark.executorEnv.* setting is
@@ -105,6 +105,6 @@ def _task(cfg, env: dict[str, str], driver_cwd: str, task_cores: int):
     import torch
 
     torch.set_num_threads(max(1, task_cores))
-    from lightcycle.training.train import train_here
+    from lightcycle.training.train import train
 
-    return train_here(cfg)
+    return train(cfg)

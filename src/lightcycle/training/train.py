@@ -22,17 +22,8 @@ from lightcycle.training.trainer import build_model, build_trainer
 def train(cfg: TrainConfig) -> str | None:
     """Train, evaluate on the held-out test set and log it all. Returns the run id on rank 0.
 
-    engine=spark: the same, in Spark tasks (lightcycle.training.spark_train), each running
-    train_here."""
-    if cfg.on_spark:
-        from lightcycle.training.spark_train import train_on_spark
-
-        return train_on_spark(cfg)
-    return train_here(cfg)
-
-
-def train_here(cfg: TrainConfig) -> str | None:
-    """This process's part of the training: all of it, or its rank's under a launcher."""
+    This process's part of the training: all of it, or its rank's under a launcher or in a
+    Spark task (lightcycle.training.spark_train calls this; this module never imports it)."""
     cfg.validate()
     rank_zero = tracking.is_global_rank_zero()
     # Every rank checks, before any of them trains or joins the process group: an unreachable
