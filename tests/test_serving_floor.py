@@ -59,7 +59,7 @@ def test_small_batches_use_one_thread_and_large_ones_the_configured_count(classi
     thread = threading.Thread(target=in_a_pool_thread)
     thread.start()
     thread.join()
-    assert seen == {"small": 1, "large": wrapper.threads}
+    assert seen == {"small": 1, "large": wrapper.runtime.threads}
 
 
 @pytest.mark.parametrize("bad", [np.full((1, 1, 28, 28), 300.0), np.full((1, 1, 28, 28), np.nan),

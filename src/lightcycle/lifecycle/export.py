@@ -16,6 +16,11 @@ stay float32). Its logits cannot match eager to 1e-4, so its parity is judged di
 shifted and mirrored copies of them, and held-out accuracy no more than 0.5 point below eager.
 It is logged behind the same pyfunc (artifact key `torchscript`), so serving needs no change.
 
+A fourth, `onnx`, exports the net with `torch.onnx.export` (the dynamo exporter, batch dimension
+dynamic) and checks parity on the reloaded file run by ONNX Runtime, the runtime that serves it.
+Its pyfunc imports onnxruntime instead of torch, and its logged requirements name no torch, so
+a serving process or image for it never loads torch.
+
 `optimize_for_inference` is tried after `freeze` but cannot survive the archive round trip:
 its oneDNN weight constants (`prim::ConstantMKLDNNTensor`) are not serializable, so the
 reloaded archive fails ("required keyword attribute 'value' is undefined"); on the CNN it also
@@ -46,7 +51,7 @@ from lightcycle.model.evaluate import images_tensor, predict_logits
 
 # Conversion method -> the deployable's format (its artifact key and registered-name suffix).
 FORMATS = {"script": "torchscript", "trace": "torchscript", "export": "pt2",
-           "quantize": "torchscript"}
+           "quantize": "torchscript", "onnx": "onnx"}
 METHODS = tuple(FORMATS)
 QUANTIZED_METHODS = ("quantize",)
 # Registered-name suffix of the int8 deployable (it is TorchScript, but not the float one).
@@ -60,6 +65,8 @@ QUANT_MAX_ACCURACY_DROP = 0.005
 # Training images used to calibrate the int8 activation ranges (at most).
 CALIBRATION_IMAGES = 1024
 MAX_BATCH = 1024
+# The ONNX graph's input and output names (the pyfunc feeds and reads them by name).
+ONNX_INPUT, ONNX_OUTPUT = "pixels", "logits"
 SERVING_MODEL_CODE = Path(__file__).parents[1] / "serving" / "serving_model.py"
 
 TAG_PARITY_MAX_DIFF = "lightcycle.parity_max_abs_diff"
@@ -201,12 +208,15 @@ def quantize_int8(net: torch.nn.Module, calibration: torch.Tensor,
 def convert(net: torch.nn.Module, method: str, example: torch.Tensor,
             calibration: torch.Tensor | None = None):
     """A ScriptModule for script/trace/quantize, an ExportedProgram (batch dimension dynamic)
-    for export. `calibration` (raw-pixel images) is needed by quantize only."""
+    for export, an onnx ModelProto for onnx. `calibration` (raw-pixel images) is needed by
+    quantize only."""
     if method not in METHODS:
         raise UserError(f"Unknown conversion method {method!r}: choose one of {', '.join(METHODS)}.")
     net = net.eval()
     if method == "quantize":
         return quantize_int8(net, example if calibration is None else calibration, example)
+    if method == "onnx":
+        return export_onnx(net, example)
     net = channels_last(net)
     if method == "export":
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
@@ -218,11 +228,46 @@ def convert(net: torch.nn.Module, method: str, example: torch.Tensor,
         return torch.jit.trace(net, example)
 
 
+def export_onnx(net: torch.nn.Module, example: torch.Tensor):
+    """The net as an ONNX graph (opset of the installed exporter), batch dimension dynamic,
+    after the exporter's own graph optimizations. The weights are in the one file: an onnx
+    file keeps them inline up to 2 GB, far above any net here."""
+    import contextlib
+
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+        program = torch.onnx.export(net, (example,), None, dynamo=True,
+                                    input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+                                    dynamic_shapes=({0: batch},), verbose=False)
+    program.optimize()
+    return program.model_proto
+
+
+def onnx_logits(model_bytes: bytes, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """What ONNX Runtime (CPU) answers for `images` with the serialized graph `model_bytes`."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    pixels = images.detach().cpu().numpy()
+    return torch.from_numpy(np.concatenate([
+        session.run([ONNX_OUTPUT], {ONNX_INPUT: pixels[i:i + batch_size]})[0]
+        for i in range(0, len(pixels), batch_size)])).to(images.device)
+
+
+def check_onnx(model, reference: Reference) -> tuple[object, str, Parity]:
+    """Parity of the serialized graph as ONNX Runtime runs it (the onnx file is what is served)."""
+    serialized = model.SerializeToString()
+    return model, "exported", reference.check(lambda x: onnx_logits(serialized, x))
+
+
 def save_archive(converted, path) -> None:
     if isinstance(converted, torch.export.ExportedProgram):
         torch.export.save(converted, path)
-    else:
+    elif isinstance(converted, torch.jit.ScriptModule):
         torch.jit.save(converted, path)
+    else:  # an onnx ModelProto
+        Path(path).write_bytes(converted.SerializeToString())
 
 
 def roundtrip(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
@@ -315,6 +360,8 @@ def convert_and_check(eager: torch.nn.Module, method: str,
     converted = convert(eager, method, images[:64] if quantized else images[:2], calibration)
     if FORMATS[method] == "pt2":
         best, stage, parity = check_program(converted, None, reference)
+    elif FORMATS[method] == "onnx":
+        best, stage, parity = check_onnx(converted, reference)
     else:
         best, stage, parity = optimize(converted, None, reference, quantized)
     eager_accuracy = float((reference.logits.argmax(1).numpy() == test_split.labels).mean())
@@ -396,15 +443,18 @@ def publish(
 
 
 def deployable_model_kwargs(archive: str, artifact: str) -> dict:
-    """The pyfunc around a converted archive; `artifact` names its format for the loader."""
+    """The pyfunc around a converted archive; `artifact` names its format for the loader. An
+    onnx deployable requires onnxruntime instead of torch."""
+    runtime = ([f"onnxruntime=={model_io.package_version('onnxruntime')}",
+                f"numpy=={model_io.package_version('numpy')}"] if artifact == "onnx"
+               else model_io.torch_requirements())
     return dict(
         python_model=str(SERVING_MODEL_CODE),
         artifacts={artifact: archive},
         model_config={"class_names": list(data.CLASS_NAMES), "max_batch": MAX_BATCH},
         signature=model_io.deployable_signature(),
         input_example=model_io.input_example(),
-        pip_requirements=model_io.torch_requirements()
-        + [f"pandas=={model_io.package_version('pandas')}"],
+        pip_requirements=runtime + [f"pandas=={model_io.package_version('pandas')}"],
     )
 
 
@@ -423,13 +473,16 @@ def log_deployable(converted, method: str, source: registry.ModelRef, parity: Pa
     """Log the pyfunc around `converted`; `name` is the logged model's (`cnn-scripted`)."""
     fmt = FORMATS[method]
     with tempfile.TemporaryDirectory(prefix="lightcycle-deployable-") as tmp:
-        archive = os.path.join(tmp, "model.pt2" if fmt == "pt2" else "model.pt")
+        archive = os.path.join(tmp, {"pt2": "model.pt2", "onnx": "model.onnx"}.get(fmt, "model.pt"))
         save_archive(converted, archive)
+        runtime = ({"onnxruntime_version": model_io.package_version("onnxruntime"),
+                    "onnx_opset": max(o.version for o in converted.opset_import if o.domain == "")}
+                   if fmt == "onnx" else {"torch_version": model_io.package_version("torch")})
         return mlflow.pyfunc.log_model(
             name=name,
             **deployable_model_kwargs(archive, fmt),
             metadata=model_io.model_metadata(
-                format=fmt, torch_version=model_io.package_version("torch"), conversion=method, source_version=source.uri,
+                format=fmt, **runtime, conversion=method, source_version=source.uri,
                 parity_max_abs_diff=parity.max_abs_diff, test_accuracy=accuracy,
                 max_batch=MAX_BATCH, input=model_io.SERVING_INPUT,
                 **({"precision": "int8 (x86 static, first conv and head float32)",

@@ -39,15 +39,16 @@ class StepResult:
 
 
 DEPLOYABLES = {"torchscript": ("torchscript",), "pt2": ("pt2",), "int8": ("int8",),
-               "both": ("torchscript", "pt2")}
+               "onnx": ("onnx",), "both": ("torchscript", "pt2")}
 # The conversion method behind each deployable (torchscript's is main's `method`).
-FORMAT_METHODS = {"pt2": "export", "int8": "quantize"}
+FORMAT_METHODS = {"pt2": "export", "int8": "quantize", "onnx": "onnx"}
 
 
 def parse_deployable(choice: str) -> tuple[str, ...]:
     if choice not in DEPLOYABLES:
         raise UserError(f"Unknown deployable {choice!r}: choose one of {', '.join(DEPLOYABLES)} "
-                        "(torchscript is the default; pt2 is torch.export's format).")
+                        "(torchscript is the default; pt2 is torch.export's format, onnx runs on "
+                        "ONNX Runtime without torch).")
     return DEPLOYABLES[choice]
 
 

@@ -20,6 +20,7 @@ DEFAULT_MODEL_NAME = "lightcycle-fashion"
 SCRIPTED_SUFFIX = "-scripted"
 PT2_SUFFIX = "-pt2"
 INT8_SUFFIX = "-int8"
+ONNX_SUFFIX = "-onnx"
 
 # Lineage tags on model versions.
 TAG_SOURCE_RUN = "lightcycle.source_run_id"
@@ -43,15 +44,17 @@ class ModelRef:
 
 def deployable_name(model_name: str, fmt: str = "torchscript") -> str:
     """`<name>-scripted` for TorchScript, `<name>-pt2` for torch.export, `<name>-int8` for the
-    int8 TorchScript: each has its own versions and its own champion, so serving one never
-    picks up another by accident."""
-    return model_name + {"pt2": PT2_SUFFIX, "int8": INT8_SUFFIX}.get(fmt, SCRIPTED_SUFFIX)
+    int8 TorchScript, `<name>-onnx` for ONNX: each has its own versions and its own champion,
+    so serving one never picks up another by accident."""
+    return model_name + {"pt2": PT2_SUFFIX, "int8": INT8_SUFFIX,
+                         "onnx": ONNX_SUFFIX}.get(fmt, SCRIPTED_SUFFIX)
 
 
 # What the Models page shows a person choosing which version to move `champion` to.
 _FORMAT_WORDS = {"torchscript": "a TorchScript archive (`torch.jit`)",
                  "pt2": "a torch.export (pt2) archive",
-                 "int8": "an int8 TorchScript archive (post-training static quantization)"}
+                 "int8": "an int8 TorchScript archive (post-training static quantization)",
+                 "onnx": "an ONNX graph (`torch.onnx.export`) run by ONNX Runtime"}
 GATE_LINE = "- Gate: "
 
 
@@ -68,9 +71,11 @@ def registered_model_description(name: str, fmt: str | None = None, source: str 
             f"**Serving**: serve its deployable, `{name}{SCRIPTED_SUFFIX}` (made by `mlflow run . "
             f"-e torchscript -P model_uri=models:/{name}/<version>`), not this model: loading "
             "it unpickles code, so load only versions you trust.")
+    runtime = ("onnxruntime, numpy and pandas: no torch" if fmt == "onnx"
+               else "torch, numpy and pandas only")
     return (
         f"lightcycle's FashionMNIST classifier, deployable: {_FORMAT_WORDS[fmt]} behind a small "
-        f"pyfunc (torch, numpy and pandas only), converted from a version of `{source}` by the "
+        f"pyfunc ({runtime}), converted from a version of `{source}` by the "
         "`torchscript` step, with parity checked against it. The `promote` step gates each "
         "version on the held-out test set and moves the `champion` alias.\n\n"
         "**Input** (`POST /invocations`, JSON): `{\"inputs\": [[[[...]]]]}`, raw pixels 0-255 "

@@ -1,7 +1,8 @@
-"""The deployable's pyfunc: a TorchScript or pt2 archive behind a strict raw-pixel input contract.
+"""The deployable's pyfunc: a TorchScript, pt2 or ONNX model behind a strict raw-pixel input contract.
 
 This file is logged with the model ("models from code"), so it must stand alone: it imports
-only numpy, pandas, torch and mlflow, never the rest of `lightcycle`. The signature declares
+only numpy, pandas, mlflow and the model's runtime (torch, or onnxruntime for an onnx graph,
+which then serves without torch), never the rest of `lightcycle`. The signature declares
 no input schema on purpose: MLflow's tensor schema pins one rank, and the contract accepts
 both (N, 1, 28, 28) and (N, 28, 28). So this wrapper owns the whole input check (type, shape,
 range, NaN/Inf, batch size) and turns logits into probabilities and class names.
@@ -31,7 +32,7 @@ from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
 DEFAULT_MAX_BATCH = 1024
-SMALL_BATCH = 8  # and fewer images: one intra-op thread (DeployedClassifier._forward)
+SMALL_BATCH = 8  # and fewer images: one intra-op thread (TorchArchive.__call__)
 
 
 class InputError(MlflowException):
@@ -245,58 +246,105 @@ def _in_scoring_server() -> bool:
     return os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").lower() == "true"
 
 
-class DeployedClassifier(PythonModel):
-    """Serves whichever archive the model carries: `torchscript` (torch.jit) or `pt2`
-    (torch.export; the exported graph already has eval behaviour baked in)."""
+def _threads_from_env() -> int | None:
+    import os
 
-    def load_context(self, context):
-        import os
-        import sys
+    threads = os.environ.get("LIGHTCYCLE_TORCH_THREADS")
+    return int(threads) if threads else None
 
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+class TorchArchive:
+    """A `torchscript` (torch.jit) or `pt2` (torch.export; eval behaviour is baked into the
+    exported graph) archive, run by torch."""
+
+    def __init__(self, artifacts: dict) -> None:
         import torch
 
-        self._torch = torch
-        threads = os.environ.get("LIGHTCYCLE_TORCH_THREADS")
+        self.torch = torch
+        threads = _threads_from_env()
         if threads:
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
-        if "pt2" in context.artifacts:
-            self.module = torch.export.load(context.artifacts["pt2"]).module()
+        if "pt2" in artifacts:
+            self.module = torch.export.load(artifacts["pt2"]).module()
         else:
-            self.module = torch.jit.load(context.artifacts["torchscript"],
-                                         map_location="cpu").eval()
+            self.module = torch.jit.load(artifacts["torchscript"], map_location="cpu").eval()
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities for float32 (N, 1, 28, 28) pixels, in this thread.
+
+        A small batch runs on one intra-op thread: a second one made it no faster, and its
+        OpenMP worker spins after each call on the cores that the server's event loop and
+        the other requests need. The thread count is per calling thread (the scoring server
+        runs each request in a pool thread), so it is set where it differs. With TorchScript's
+        optimizing executor off nothing needs warming beyond one call per kind of batch: it
+        specialized on the first calls for about 1 s of the server's start, and the archive
+        is already frozen, so its plan was no faster."""
+        torch = self.torch
+        threads = 1 if len(pixels) <= SMALL_BATCH else self.threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        with torch.inference_mode(), torch.jit.optimized_execution(False):
+            logits = self.module(torch.from_numpy(pixels))
+            return torch.softmax(logits.float(), dim=1).numpy()
+
+
+class OnnxGraph:
+    """An `onnx` graph run by ONNX Runtime on the CPU: no torch in the process.
+
+    The same thread settings by batch size as TorchArchive: ONNX Runtime fixes a session's
+    intra-op threads when it is made, so there are two sessions over the one graph, a
+    one-thread one for small batches and one with every thread (LIGHTCYCLE_TORCH_THREADS, else
+    ONNX Runtime's default of one per core) for the rest. Both are safe to call from the
+    scoring server's request threads at once."""
+
+    def __init__(self, artifacts: dict) -> None:
+        import onnxruntime
+
+        def session(threads: int | None):
+            options = onnxruntime.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            return onnxruntime.InferenceSession(artifacts["onnx"], options,
+                                                providers=["CPUExecutionProvider"])
+
+        self.small, self.large = session(1), session(_threads_from_env())
+        self.input = self.small.get_inputs()[0].name
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        session = self.small if len(pixels) <= SMALL_BATCH else self.large
+        return softmax(session.run(None, {self.input: pixels})[0].astype(np.float32, copy=False))
+
+
+class DeployedClassifier(PythonModel):
+    """Serves whichever archive the model carries: `torchscript`, `pt2` (both by torch) or
+    `onnx` (by ONNX Runtime, with no torch imported)."""
+
+    def load_context(self, context):
+        import sys
+
+        runtime = OnnxGraph if "onnx" in context.artifacts else TorchArchive
+        self.runtime = runtime(context.artifacts)
         config = context.model_config or {}
         self.class_names = list(config.get("class_names", [str(i) for i in range(10)]))
         self.max_batch = int(config.get("max_batch", DEFAULT_MAX_BATCH))
-        # One call per kind of batch builds oneDNN's kernels before the first request. With
-        # TorchScript's optimizing executor off (`_forward`) nothing else needs warming: it
-        # specialized on the first calls for about 1 s of the server's start, and the archive
-        # is already frozen, so its plan was no faster.
+        # One call per kind of batch builds the kernels before the first request.
         for batch in (1, SMALL_BATCH + 1):
-            self._forward(torch.zeros(batch, 1, 28, 28))
+            self.runtime(np.zeros((batch, 1, 28, 28), dtype=np.float32))
         _install_request_parser()
         _install_response_writer()
         if "mlflow.pyfunc.scoring_server.app" in sys.modules:  # being imported by uvicorn
             _keep_tcp_nodelay()
 
-    def _forward(self, pixels):
-        """Probabilities for a float32 (N, 1, 28, 28) tensor, in this thread.
-
-        A small batch runs on one intra-op thread: a second one made it no faster, and its
-        OpenMP worker spins after each call on the cores that the server's event loop and
-        the other requests need. The thread count is per calling thread (the scoring server
-        runs each request in a pool thread), so it is set where it differs."""
-        torch = self._torch
-        threads = 1 if len(pixels) <= SMALL_BATCH else self.threads
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        with torch.inference_mode(), torch.jit.optimized_execution(False):
-            logits = self.module(pixels)
-            return torch.softmax(logits.float(), dim=1).numpy()
-
     def predict(self, context, model_input, params=None):
         pixels = validate_pixels(model_input, self.max_batch)
-        probabilities = self._forward(self._torch.from_numpy(np.ascontiguousarray(pixels)))
+        probabilities = self.runtime(np.ascontiguousarray(pixels))
         class_ids = probabilities.argmax(axis=1)
         if _in_scoring_server():
             # The JSON MLflow writes for the DataFrame below, without building it: records.
