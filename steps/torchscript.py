@@ -1,4 +1,4 @@
-"""Entry point `torchscript`: script/trace (or torch.export) the eager net, prove parity, log and
+"""Entry point `torchscript`: script/trace (or torch.export, int8, ONNX) the eager net, prove parity, log and
 register the deployable."""
 
 import argparse
@@ -12,10 +12,10 @@ def main(argv=None):
     parser.add_argument("--model_uri", type=text, required=True,
                         help="models:/<name>/<version> or @<alias>")
     parser.add_argument("--method", type=text, default=defaults.CHAIN["method"],
-                        help="script|trace (TorchScript) or export (pt2)")
+                        help="script|trace (TorchScript), export (pt2), quantize (int8) or onnx")
     parser.add_argument("--data_dir", type=text, default=defaults.DATA_DIR)
     parser.add_argument("--deployable_name", type=text, default=defaults.AUTO,
-                        help="registered name; auto: <name>-scripted, or <name>-pt2 for export")
+                        help="registered name; auto: <name>-scripted, -pt2 (export), -int8 (quantize) or -onnx")
     args = parser.parse_args(argv)
 
     import mlflow

@@ -67,6 +67,27 @@ def pt2_server(sample_chain, chain_experiment, tracking_server, tmp_path_factory
     stop_process(proc)
 
 
+WITHOUT_TORCH = str(PROJECT_ROOT / "tests" / "without_torch")  # its sitecustomize refuses torch
+
+
+@pytest.fixture(scope="module")
+def onnx_server(sample_chain, chain_experiment, tracking_server, tmp_path_factory):
+    """The documented onnx command, then the plain `mlflow models serve` on its champion in
+    processes where `import torch` raises."""
+    env = {"MLFLOW_TRACKING_URI": tracking_server.url}
+    result = check(mlflow_run("main", {**sample_chain["params"], "deployable": "onnx"},
+                              chain_experiment, env=env))
+    assert f"champion    models:/{SAMPLE_CHAIN_MODEL}-onnx/" in result.stdout, result.stdout
+    port = free_port()
+    proc = _start(["mlflow", "models", "serve", "-m",
+                   f"models:/{SAMPLE_CHAIN_MODEL}-onnx@champion", "--env-manager", "local",
+                   "-p", str(port)], port, tmp_path_factory.mktemp("serve-onnx"),
+                  {**os.environ, **env, "PYTHONPATH": os.pathsep.join(
+                      filter(None, [WITHOUT_TORCH, os.environ.get("PYTHONPATH")]))})
+    yield f"http://127.0.0.1:{port}"
+    stop_process(proc)
+
+
 @pytest.fixture(scope="module")
 def test_images():
     return data.load_split(SAMPLE_DIR, "test")
@@ -171,6 +192,26 @@ def test_pt2_champion_is_torch_export_and_answers_like_torchscript(pt2_server, s
     ts_rows = invoke(server[0], body).json()["predictions"]
     assert [r["label"] for r in pt2_rows] == [r["label"] for r in ts_rows]
     np.testing.assert_allclose([r["probabilities"] for r in pt2_rows],
+                               [r["probabilities"] for r in ts_rows], atol=1e-5)
+
+
+def test_onnx_champion_serves_without_torch_and_answers_like_torchscript(onnx_server, server,
+                                                                         test_images):
+    client = mlflow.MlflowClient()
+    name = f"{SAMPLE_CHAIN_MODEL}-onnx"
+    version = client.get_model_version_by_alias(name, "champion")
+    assert client.get_model_version_by_alias(name, "challenger").version == version.version
+    assert version.tags["lightcycle.conversion"] == "onnx/exported"
+    assert version.tags["lightcycle.gate.decision"] == "promoted"
+    scripted = client.get_model_version_by_alias(f"{SAMPLE_CHAIN_MODEL}-scripted", "champion")
+    assert version.tags["lightcycle.source_version"] == scripted.tags["lightcycle.source_version"]
+    requirements = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}/requirements.txt")
+    assert "torch" not in open(requirements).read()
+    body = {"inputs": test_images.images.tolist()}  # all 180
+    onnx_rows = invoke(onnx_server, body).json()["predictions"]
+    ts_rows = invoke(server[0], body).json()["predictions"]
+    assert [r["label"] for r in onnx_rows] == [r["label"] for r in ts_rows]
+    np.testing.assert_allclose([r["probabilities"] for r in onnx_rows],
                                [r["probabilities"] for r in ts_rows], atol=1e-5)
 
 

@@ -1,7 +1,9 @@
-"""The deployable's input contract over HTTP on a real `mlflow models serve` (issues 11, 12).
+"""The deployable's input contract over HTTP on a real `mlflow models serve` (issues 11, 12, 32).
 
-A TorchScript deployable saved exactly as the chain saves it (`deployable_model_kwargs`) from
-an untrained `cnn`: no tracking server, no training, so it runs in seconds.
+A TorchScript deployable and an ONNX one, saved exactly as the chain saves them
+(`deployable_model_kwargs`) from the same untrained `cnn`: no tracking server, no training, so
+they run in seconds. The ONNX one is served in processes where `import torch` raises
+(tests/without_torch/sitecustomize.py), and every HTTP test here runs against both.
 """
 
 from __future__ import annotations
@@ -19,31 +21,63 @@ import pytest
 import requests
 
 from conftest import PROJECT_ROOT, SAMPLE_DIR, free_port, stop_process, wait_for_http
+from test_serve import BAD_INPUTS
 from lightcycle.model import data
 from lightcycle.serving import client
 
 pytestmark = pytest.mark.slow
 
 
+WITHOUT_TORCH = {"PYTHONPATH": os.pathsep.join(filter(None, [
+    str(PROJECT_ROOT / "tests" / "without_torch"), os.environ.get("PYTHONPATH")]))}
+
+
 @pytest.fixture(scope="module")
-def deployable(tmp_path_factory):
+def net():
+    import torch
+
+    from lightcycle.model.nets import build_net
+
+    torch.manual_seed(0)
+    return build_net("cnn").eval()
+
+
+def _save(net, tmp, fmt: str) -> Path:
     import mlflow.pyfunc
     import torch
 
     from lightcycle.lifecycle import export
-    from lightcycle.model.nets import build_net
 
-    tmp = tmp_path_factory.mktemp("deployable")
-    torch.manual_seed(0)
-    net = build_net("cnn").eval()
-    archive = str(tmp / "model.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        export.save_archive(torch.jit.freeze(torch.jit.script(net)), archive)
+    if fmt == "onnx":
+        archive = str(tmp / "model.onnx")
+        export.save_archive(export.convert(net, "onnx", torch.zeros(2, 1, 28, 28)), archive)
+    else:
+        archive = str(tmp / "model.pt")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            export.save_archive(torch.jit.freeze(torch.jit.script(net)), archive)
     model_dir = tmp / "model"
-    mlflow.pyfunc.save_model(str(model_dir), **export.deployable_model_kwargs(archive,
-                                                                               "torchscript"))
+    mlflow.pyfunc.save_model(str(model_dir), **export.deployable_model_kwargs(archive, fmt))
     return model_dir
+
+
+@pytest.fixture(scope="module")
+def deployable(net, tmp_path_factory):
+    return _save(net, tmp_path_factory.mktemp("deployable"), "torchscript")
+
+
+@pytest.fixture(scope="module")
+def onnx_deployable(net, tmp_path_factory):
+    return _save(net, tmp_path_factory.mktemp("onnx-deployable"), "onnx")
+
+
+@pytest.fixture(scope="module")
+def eager_probabilities(net, images):
+    import torch
+
+    with torch.inference_mode():
+        return torch.softmax(net(torch.from_numpy(images[:, None].astype(np.float32))),
+                             dim=1).double().numpy()
 
 
 def _serve(cmd, port, log, env=None):
@@ -54,15 +88,49 @@ def _serve(cmd, port, log, env=None):
     return proc
 
 
-@pytest.fixture(scope="module")
-def url(deployable, tmp_path_factory):
-    """The plain `mlflow models serve` on the deployable."""
+@pytest.fixture(scope="module", params=["torchscript", "onnx"])
+def url(request, tmp_path_factory):
+    """The plain `mlflow models serve` on each deployable; the onnx one without torch."""
+    onnx = request.param == "onnx"
+    model = request.getfixturevalue("onnx_deployable" if onnx else "deployable")
     port = free_port()
     proc = _serve([os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve",
-                   "-m", str(deployable), "--env-manager", "local", "-p", str(port)],
-                  port, tmp_path_factory.mktemp("log") / "serve.log")
+                   "-m", str(model), "--env-manager", "local", "-p", str(port)],
+                  port, tmp_path_factory.mktemp("log") / "serve.log", WITHOUT_TORCH if onnx else None)
     yield f"http://127.0.0.1:{port}"
     stop_process(proc)
+
+
+def test_the_onnx_server_runs_where_torch_cannot_be_imported(onnx_deployable):
+    """What the onnx `url` runs under: torch refused in any process, onnxruntime still there;
+    and the deployable's logged requirements name no torch."""
+    result = subprocess.run([sys.executable, "-c", "import onnxruntime; import torch"],
+                            env={**os.environ, **WITHOUT_TORCH}, capture_output=True, text=True)
+    assert result.returncode != 0 and "import of torch refused" in result.stderr, result.stderr
+    for name in ("requirements.txt", "conda.yaml", "python_env.yaml"):
+        text = (onnx_deployable / name).read_text()
+        assert "torch" not in text and ("onnxruntime==" in text or name == "python_env.yaml"), text
+
+
+def test_answers_are_eager_torchs_on_the_test_images(url, images, eager_probabilities):
+    response = invoke(url, {"inputs": images[:, None].astype(np.float32).tolist()})
+    assert response.status_code == 200, response.text[:2000]
+    rows = response.json()["predictions"]
+    probabilities = np.array([row["probabilities"] for row in rows])
+    np.testing.assert_allclose(probabilities, eager_probabilities, atol=1e-5)
+    assert [row["class_id"] for row in rows] == eager_probabilities.argmax(1).tolist()
+    assert [row["label"] for row in rows] == [data.CLASS_NAMES[i] for i in
+                                              eager_probabilities.argmax(1)]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_every_malformed_payload_gets_the_same_clear_4xx(url, case):
+    """The chain's champion answers these in tests/test_serve.py: NaN, Infinity, an oversized
+    batch, wrong shapes and types, bodies that are not the contract."""
+    body, needle = BAD_INPUTS[case]
+    response = invoke(url, body)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
+    assert needle in response.text, response.text[:1000]
 
 
 @pytest.fixture(scope="module")
