@@ -284,52 +284,22 @@ def _peer_socket_option(pids: list[int], inode: int, level: int, option: int) ->
     raise AssertionError(f"no process of {pids} holds socket {inode}")
 
 
-# uvicorn releases before the fix of its issue 3149 bind the `--workers N` listener with
-# `proto` 0; accepted sockets inherit it, and asyncio then leaves TCP_NODELAY off. The installed
-# uvicorn sets the proto itself, so the old listener is put back in the server's processes.
-PROTO_0_LISTENER = """
-import socket
-import sys
-
-import uvicorn.config
-
-_bind_socket = uvicorn.config.Config.bind_socket
-
-
-def bind_socket(self):
-    sock = _bind_socket(self)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock = socket.socket(sock.family, sock.type, 0, fileno=sock.detach())
-        sock.set_inheritable(True)
-        print("proto-0 listener active", file=sys.stderr, flush=True)
-    return sock
-
-
-uvicorn.config.Config.bind_socket = bind_socket
-"""
-
-
-@pytest.mark.parametrize("listener", ["installed uvicorn", "proto-0 listener"])
 def test_mlflow_models_serve_w2_accepts_connections_with_tcp_nodelay(deployable, images,
-                                                                     tmp_path, listener):
-    """`mlflow models serve -w 2` runs `uvicorn --workers 2`. Where uvicorn's own listening
-    socket leaves Nagle on for every accepted connection (about 40 ms a keep-alive request;
-    bench/serving/served_ratio.py), the deployable, loaded in each worker, puts TCP_NODELAY
-    back. Read on the server's side of a real keep-alive connection, in the worker that
-    accepted it, with the installed uvicorn and with the listener of the releases before its fix."""
+                                                                     tmp_path):
+    """`mlflow models serve -w 2` runs `uvicorn --workers 2`, which binds the listening socket
+    itself. uvicorn releases before 0.55.0 (its issue 3149) bound it so that every accepted
+    connection kept Nagle's algorithm on: about 40 ms a keep-alive request. The project pins
+    uvicorn 0.55.0 and the deployable requires at least that. Read on the server's side of a
+    real keep-alive connection, in the worker that accepted it."""
+    import importlib.metadata
     import socket
 
-    env = {}
-    if listener == "proto-0 listener":
-        site = tmp_path / "site"
-        site.mkdir()
-        (site / "sitecustomize.py").write_text(PROTO_0_LISTENER)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site),
-                                                          os.environ.get("PYTHONPATH")]))
+    assert tuple(map(int, importlib.metadata.version("uvicorn").split(".")[:2])) >= (0, 55)
+    assert "uvicorn>=0.55.0" in (deployable / "requirements.txt").read_text().split()
     port = free_port()
     proc = _serve([os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve",
                    "-m", str(deployable), "--env-manager", "local", "-p", str(port), "-w", "2"],
-                  port, tmp_path / "serve.log", env)
+                  port, tmp_path / "serve.log")
     try:
         import http.client
 
@@ -357,5 +327,3 @@ def test_mlflow_models_serve_w2_accepts_connections_with_tcp_nodelay(deployable,
         stop_process(proc)
     assert pid != tree[0]  # a uvicorn worker holds the connection
     assert nodelay == 1, f"the worker's accepted socket has TCP_NODELAY={nodelay}"
-    if listener == "proto-0 listener":  # the old listener really was in place
-        assert "proto-0 listener active" in (tmp_path / "serve.log").read_text()

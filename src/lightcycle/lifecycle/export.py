@@ -442,6 +442,12 @@ def publish(
     return Deployable(source, registry.ModelRef(name, mv.version), parity, stage, run_id)
 
 
+# `mlflow models serve -w N` runs `uvicorn --workers N`, whose listener, in uvicorn releases
+# before 0.55.0 (its issue 3149), left Nagle's algorithm on for every connection: about 40 ms
+# a keep-alive request. A serving environment built from the model's requirements gets the fix.
+UVICORN_REQUIREMENT = "uvicorn>=0.55.0"
+
+
 def deployable_model_kwargs(archive: str, artifact: str) -> dict:
     """The pyfunc around a converted archive; `artifact` names its format for the loader. An
     onnx deployable requires onnxruntime instead of torch."""
@@ -454,7 +460,8 @@ def deployable_model_kwargs(archive: str, artifact: str) -> dict:
         model_config={"class_names": list(data.CLASS_NAMES), "max_batch": MAX_BATCH},
         signature=model_io.deployable_signature(),
         input_example=model_io.input_example(),
-        pip_requirements=runtime + [f"pandas=={model_io.package_version('pandas')}"],
+        pip_requirements=runtime + [f"pandas=={model_io.package_version('pandas')}",
+                                    UVICORN_REQUIREMENT],
     )
 
 

@@ -19,8 +19,6 @@ list is still there; the same wrapper skips the server's deepcopy of the list (t
 of a batch-64 request). In the serving process `predict` also returns plain records instead of
 a DataFrame, which the server then writes with the C JSON encoder (`_install_response_writer`):
 the same JSON, a fraction of the cost. Everywhere else it returns the DataFrame.
-In uvicorn's worker processes it also restores TCP_NODELAY, which `-w N` loses
-(`_keep_tcp_nodelay`).
 """
 
 from __future__ import annotations
@@ -211,34 +209,6 @@ def _install_response_writer() -> None:
     _wrap_scoring_server("predictions_to_json", wrap)
 
 
-def _keep_tcp_nodelay() -> None:
-    """Give every accepted TCP connection TCP_NODELAY, as a single uvicorn worker does.
-
-    `mlflow models serve -w N` (N > 1) runs `uvicorn --workers N`, which binds the listening
-    socket itself; uvicorn releases before the fix of its issue 3149 bind it with `proto` 0
-    (0.55.0 sets IPPROTO_TCP). Accepted sockets inherit that, and asyncio sets TCP_NODELAY
-    only where `proto == IPPROTO_TCP`, so Nagle's algorithm stays on and each keep-alive
-    response waits for the client's delayed ACK: about 40 ms a request on Linux
-    (bench/serving/served_ratio.py measures it). uvicorn is not pinned, so a serving
-    environment may hold either. Idempotent; process-wide, so only called inside the scoring
-    server."""
-    import asyncio.base_events
-    import socket
-
-    original = asyncio.base_events._set_nodelay
-    if getattr(original, "_lightcycle", False):
-        return
-
-    def _set_nodelay(sock):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        else:
-            original(sock)
-
-    _set_nodelay._lightcycle = True
-    asyncio.base_events._set_nodelay = _set_nodelay
-
-
 def _in_scoring_server() -> bool:
     import os
 
@@ -327,8 +297,6 @@ class DeployedClassifier(PythonModel):
     `onnx` (by ONNX Runtime, with no torch imported)."""
 
     def load_context(self, context):
-        import sys
-
         runtime = OnnxGraph if "onnx" in context.artifacts else TorchArchive
         self.runtime = runtime(context.artifacts)
         config = context.model_config or {}
@@ -339,8 +307,6 @@ class DeployedClassifier(PythonModel):
             self.runtime(np.zeros((batch, 1, 28, 28), dtype=np.float32))
         _install_request_parser()
         _install_response_writer()
-        if "mlflow.pyfunc.scoring_server.app" in sys.modules:  # being imported by uvicorn
-            _keep_tcp_nodelay()
 
     def predict(self, context, model_input, params=None):
         pixels = validate_pixels(model_input, self.max_batch)
