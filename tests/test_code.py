@@ -261,3 +261,53 @@ def test_code_version_follows_step_code_only(tmp_path):
         assert code_version(copy) != before, path
         (copy / path).write_text(original)
     assert code_version(copy) == before
+
+
+# The MLflow internals lightcycle still uses, each with the reason in a comment where it is
+# used: (module, name, the keyword arguments lightcycle relies on, or None for a non-function).
+PRIVATE_MLFLOW = [
+    ("mlflow.projects", "_run", {"uri", "experiment_id", "entry_point", "version", "parameters",
+                                 "docker_args", "backend_name", "backend_config", "env_manager",
+                                 "storage_dir", "synchronous", "run_name", "build_image",
+                                 "docker_auth"}),
+    ("mlflow.tracking.fluent", "_get_experiment_id", set()),
+    ("mlflow.pyfunc.scoring_server", "infer_and_parse_data", {"data", "schema"}),
+    ("mlflow.pyfunc.scoring_server", "predictions_to_json",
+     {"raw_predictions", "output", "metadata"}),
+    ("mlflow.pyfunc.scoring_server", "NumpyEncoder", None),
+]
+
+
+@pytest.mark.parametrize("module, name, keywords", PRIVATE_MLFLOW,
+                         ids=[f"{m}.{n}" for m, n, _ in PRIVATE_MLFLOW])
+def test_each_private_mlflow_name_is_where_lightcycle_uses_it(module, name, keywords):
+    import importlib
+    import inspect
+
+    target = getattr(importlib.import_module(module), name, None)
+    assert target is not None, f"MLflow moved {module}.{name}: see where src/ uses it"
+    where = [str(p.relative_to(PROJECT_ROOT)) for p in (PROJECT_ROOT / "src").rglob("*.py")
+             if name in p.read_text()]
+    assert where, f"{module}.{name} is no longer used: drop it from PRIVATE_MLFLOW"
+    if keywords is not None:
+        parameters = set(inspect.signature(target).parameters)
+        assert keywords <= parameters, (f"{module}.{name} lost {keywords - parameters}", where)
+
+
+def test_the_scoring_server_still_parses_and_writes_through_the_names_the_deployable_wraps():
+    """The deployable replaces two module attributes of MLflow's scoring server; that works
+    only while the request handler looks them up there, and while the server announces itself
+    through the environment variable the deployable reads."""
+    import inspect
+
+    from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
+    from mlflow.pyfunc import scoring_server
+
+    # invocations -> _parse_json_data -> infer_and_parse_data; invocations -> predictions_to_json
+    assert "predictions_to_json(" in inspect.getsource(scoring_server.invocations)
+    assert "_parse_json_data(" in inspect.getsource(scoring_server.invocations)
+    assert "infer_and_parse_data(" in inspect.getsource(scoring_server._parse_json_data)
+    assert _MLFLOW_IS_IN_SERVING_ENVIRONMENT.name == "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
+    assert "_MLFLOW_IS_IN_SERVING_ENVIRONMENT" in inspect.getsource(scoring_server.init)
+    assert "_MLFLOW_IS_IN_SERVING_ENVIRONMENT" in (
+        PROJECT_ROOT / "src" / "lightcycle" / "serving" / "serving_model.py").read_text()

@@ -51,6 +51,9 @@ def train(cfg: TrainConfig) -> str | None:
 def _find_resume(cfg: TrainConfig, digest: str, log_dir: str) -> resuming.Search:
     if not cfg.resume:
         return resuming.Search()
+    # Private, and kept on purpose: the search runs before this step's run starts, and MLflow
+    # has no public "the experiment a new run would go to" (MLFLOW_EXPERIMENT_ID/_NAME, the
+    # `mlflow run --experiment-*` choice, else Default). tests/test_code.py fails if it moves.
     from mlflow.tracking.fluent import _get_experiment_id
 
     return resuming.find_resumable_checkpoint(_get_experiment_id(), dataclasses.asdict(cfg),
