@@ -227,8 +227,9 @@ def test_bad_tune_parameters_say_what_to_choose():
         TuneConfig(models="cnn,vgg").validate()
     with pytest.raises(UserError, match="choose one of median, hyperband, none"):
         TuneConfig(pruner="asha").validate()
-    with pytest.raises(UserError, match="Unknown deployable 'onnx'"):
-        TuneConfig(train_best=True, deployable="onnx").validate()
+    with pytest.raises(UserError, match="Unknown deployable 'tflite'.*onnx"):
+        TuneConfig(train_best=True, deployable="tflite").validate()
+    TuneConfig(train_best=True, deployable="onnx").validate()
 
 
 def test_train_best_sends_the_spark_engine_down_the_chain():
@@ -369,7 +370,8 @@ def test_two_tune_workers_share_one_postgresql_study(postgresql_cluster, experim
     storage = postgresql_cluster.uri("optuna")  # no password in it: PGPASSFILE holds it
     monkeypatch.setenv("PGPASSFILE", postgresql_cluster.env()["PGPASSFILE"])
     params = {**TRIAL, "n_trials": 4, "study_name": "shared", "optuna_storage": storage,
-              "train_best": "true", "model_name": model_name, "min_accuracy": 0.0}
+              "train_best": "true", "model_name": model_name, "min_accuracy": 0.0,
+              "deployable": "onnx"}
     cmd = ["mlflow", "run", str(PROJECT_ROOT), "-e", "tune", "--env-manager", "local",
            "--experiment-id", experiment, *[a for k, v in params.items() for a in ("-P", f"{k}={v}")]]
     workers = [subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
@@ -400,3 +402,7 @@ def test_two_tune_workers_share_one_postgresql_study(postgresql_cluster, experim
     assert sorted(trial_numbers) == sorted(numbers)  # each trial ran once, in one worker
     assert len(runs_of(experiment, "train")) == 1  # train_best trained once
     assert sum("train: reusing finished run" in out for out in outputs) == 1
+    # The best went down the chain as `-P deployable=onnx` says: an onnx champion, gated.
+    champion = MlflowClient().get_model_version_by_alias(f"{model_name}-onnx", "champion")
+    assert champion.tags["lightcycle.conversion"] == "onnx/exported"
+
