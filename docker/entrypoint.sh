@@ -2,7 +2,10 @@
 # Entry point of the lightcycle serving image: `mlflow models serve` on one model.
 #
 # Environment (all optional):
-#   MODEL_URI              what to serve, default models:/lightcycle-fashion-scripted@champion:
+#   MODEL_URI              what to serve, default $LIGHTCYCLE_DEFAULT_MODEL_URI, which each image
+#                            sets to its deployable (models:/lightcycle-fashion-scripted@champion
+#                            for the torch image, models:/lightcycle-fashion-onnx@champion for
+#                            the onnx one), else the scripted one. Either
 #                            models:/<name>@<alias> or models:/<name>/<version> (needs
 #                            MLFLOW_TRACKING_URI, plus MLFLOW_TRACKING_TOKEN or _USERNAME/_PASSWORD
 #                            if the server wants them), or a local model directory holding an
@@ -10,7 +13,7 @@
 #   MLFLOW_TRACKING_URI    the tracking server that holds the registry (http://host:5000).
 #   PORT                   default 8080.      HOST   default 0.0.0.0.
 #   MLFLOW_MODELS_WORKERS  uvicorn workers, default 1 (measure before raising it); with more,
-#                            each gets cores / workers torch threads unless
+#                            each gets cores / workers torch (or ONNX Runtime) threads unless
 #                            LIGHTCYCLE_TORCH_THREADS or OMP_NUM_THREADS is set.
 # Extra arguments are passed on to `mlflow models serve` (e.g. -t 30 for the request timeout).
 #
@@ -19,8 +22,8 @@
 # container to pick up a new champion.
 set -euo pipefail
 
-DEFAULT_MODEL_URI="models:/lightcycle-fashion-scripted@champion"
-model_uri=${MODEL_URI:-$DEFAULT_MODEL_URI}
+default_model_uri=${LIGHTCYCLE_DEFAULT_MODEL_URI:-models:/lightcycle-fashion-scripted@champion}
+model_uri=${MODEL_URI:-$default_model_uri}
 port=${PORT:-8080}
 host=${HOST:-0.0.0.0}
 workers=${MLFLOW_MODELS_WORKERS:-1}

@@ -1,10 +1,14 @@
-"""The serving image: Dockerfile lint, the entry point outside Docker, and a real build and run.
+"""The serving images: Dockerfile lint, the entry point outside Docker, and real builds and runs.
+
+The Dockerfile has two targets: `torch` (the default) serves the TorchScript deployable, `onnx`
+(`--target onnx`) serves the onnx one on ONNX Runtime with no torch in the image.
 
 The model is built here, not by the chain: the cnn trained for a few epochs on data/sample with
 plain torch (about 5 s), scripted and saved as the same "models from code" pyfunc the chain
-registers (src/lightcycle/serving_model.py + a TorchScript archive). It is saved with this
-venv's torch (2.14.1); the image may carry another torch (here 2.13.0+cpu, the only CPU wheel
-on the machine), so the container test also checks that version skew.
+registers (src/lightcycle/serving/serving_model.py + a TorchScript archive), and exported to an
+onnx graph saved the same way for the onnx image. It is saved with this venv's torch (2.14.1);
+the torch image may carry another torch (here 2.13.0+cpu, the only CPU wheel on the machine), so
+the container test also checks that version skew.
 
 The image tests need a Docker-compatible engine. When none answers they start one with
 ../shared/tools/container-engine (podman) if that tool exists, and are skipped otherwise.
@@ -38,10 +42,11 @@ ENTRYPOINT = PROJECT_ROOT / "docker" / "entrypoint.sh"
 ENGINE_TOOL = PROJECT_ROOT.parent / "shared" / "tools" / "container-engine"
 LOCAL_BASE_IMAGE = "localhost/python-base:bookworm"
 IMAGE_TAG = "lightcycle-serve:test"
+ONNX_IMAGE_TAG = "lightcycle-serve-onnx:test"
+ONNX_DEFAULT_MODEL_URI = "models:/lightcycle-fashion-onnx@champion"
+MAX_ONNX_IMAGE_BYTES = 500e6  # mlflow-skinny + onnxruntime + numpy + pandas: about 460 MB
 MIN_ACCURACY = 0.5  # the cnn below reaches about 0.7 on the 180 sample test images
 MAX_PROB_DIFF = 1e-4  # served (maybe another torch) vs this process's TorchScript run
-
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -84,6 +89,14 @@ def _dockerfile_args() -> dict[str, str]:
     return dict(re.findall(r"^ARG\s+(\w+)=(\S+)", DOCKERFILE.read_text(), re.M))
 
 
+def _dockerfile_stages() -> dict[str, str]:
+    """Each named build stage's instructions (comments dropped), in the file's order."""
+    text = "\n".join(line for line in DOCKERFILE.read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    parts = re.split(r"^FROM\s+\S+\s+AS\s+(\S+)\s*$", text, flags=re.M | re.I)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
 # ---------------------------------------------------------------- the model
 
 
@@ -116,17 +129,32 @@ def _deployable_kwargs(archive: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served_model(tmp_path_factory):
+def trained_cnn():
+    """The one cnn both deployables (TorchScript, onnx) are made from; copy it before use."""
+    return _train_cnn()
+
+
+def _save_served_dir(model_dir: Path, kwargs: dict) -> None:
+    import mlflow.pyfunc
+
+    mlflow.pyfunc.save_model(str(model_dir), **kwargs)
+    # The container runs as uid 10001: the mounted files must be world-readable.
+    for path in [model_dir, *model_dir.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory, trained_cnn):
     """A local model directory in the deployable's format, and what it should answer."""
+    import copy
     import warnings
 
-    import mlflow.pyfunc
     import torch
 
     root = tmp_path_factory.mktemp("served-model")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
-        scripted = torch.jit.script(_train_cnn())
+        scripted = torch.jit.script(copy.deepcopy(trained_cnn))
         archive = root / "model.pt"
         torch.jit.save(scripted, str(archive))
         loaded = torch.jit.load(str(archive), map_location="cpu").eval()
@@ -136,12 +164,44 @@ def served_model(tmp_path_factory):
         probabilities = torch.softmax(loaded(torch.from_numpy(pixels)), dim=1).double().numpy()
 
     model_dir = root / "model"
-    mlflow.pyfunc.save_model(str(model_dir), **_deployable_kwargs(archive))
-    # The container runs as uid 10001: the mounted files must be world-readable.
-    for path in [model_dir, *model_dir.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    _save_served_dir(model_dir, _deployable_kwargs(archive))
     return {"dir": model_dir, "archive": archive, "pixels": pixels, "labels": test.labels,
             "probabilities": probabilities, "torch": torch.__version__}
+
+
+@pytest.fixture(scope="module")
+def served_onnx_model(tmp_path_factory, trained_cnn):
+    """The same cnn as an onnx deployable (export.convert + deployable_model_kwargs(..., "onnx")),
+    and what it should answer: this process's ONNX Runtime run of the saved graph, which agrees
+    with the eager net."""
+    import copy
+    import warnings
+
+    import torch
+
+    from lightcycle.lifecycle import export
+
+    root = tmp_path_factory.mktemp("served-onnx-model")
+    test = data.load_split(SAMPLE_DIR, "test")
+    pixels = test.images[:, None].astype(np.float32)
+    net = copy.deepcopy(trained_cnn).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracing notices
+        graph = export.convert(net, "onnx", torch.from_numpy(pixels[:8]))
+    archive = root / "model.onnx"
+    export.save_archive(graph, str(archive))
+    with torch.inference_mode():
+        eager = torch.softmax(net(torch.from_numpy(pixels)), dim=1).double().numpy()
+        logits = export.onnx_logits(archive.read_bytes(), torch.from_numpy(pixels))
+        probabilities = torch.softmax(logits.float(), dim=1).double().numpy()
+    np.testing.assert_allclose(probabilities, eager, atol=MAX_PROB_DIFF)
+    np.testing.assert_array_equal(probabilities.argmax(1), eager.argmax(1))
+
+    model_dir = root / "model"
+    _save_served_dir(model_dir, export.deployable_model_kwargs(str(archive), "onnx"))
+    return {"dir": model_dir, "archive": archive, "pixels": pixels, "labels": test.labels,
+            "probabilities": probabilities,
+            "eager_diff": float(np.abs(probabilities - eager).max())}
 
 
 # ---------------------------------------------------------------- Dockerfile, statically
@@ -170,6 +230,23 @@ def test_dockerfile_contract():
     assert args["MLFLOW_VERSION"] == pins["mlflow"]
     assert args["PANDAS_VERSION"] == pins["pandas"]
     assert args["NUMPY_VERSION"] == importlib.metadata.version("numpy")  # model_io pins this one
+    assert args["ONNXRUNTIME_VERSION"] == pins["onnxruntime"]
+    # Two targets over one base stage; the last stage, the default target, is the torch one, so
+    # `docker build .` builds what it always did. The onnx stage installs no torch and takes no
+    # local wheels (the build extras' wheels are for the torch target).
+    stages = _dockerfile_stages()
+    assert list(stages)[-1] == "torch" and "onnx" in stages, list(stages)
+    onnx = stages["onnx"]
+    assert re.search(r"onnxruntime==\$\{ONNXRUNTIME_VERSION\}", onnx), onnx
+    assert not re.search(r"torch[=<>~ \"]|TORCH_|index-url|PIP_FIND_LINKS|wheels", onnx, re.I), onnx
+    # Each target names its own deployable as the entry point's default MODEL_URI.
+    default_uri = {name: re.findall(r"^ENV\s+LIGHTCYCLE_DEFAULT_MODEL_URI=(\S+)$", stages[name], re.M)
+                   for name in ("onnx", "torch")}
+    assert default_uri == {"onnx": [ONNX_DEFAULT_MODEL_URI],
+                           "torch": ["models:/lightcycle-fashion-scripted@champion"]}, default_uri
+    for name in ("onnx", "torch"):  # each target ends as the unprivileged user
+        stage_users = re.findall(r"^USER\s+(\S+)", stages[name], re.M)
+        assert stage_users and stage_users[-1].split(":")[0] not in ("root", "0"), (name, stage_users)
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert re.search(r"^HEALTHCHECK .*\n?.*/ping", text, re.M)
@@ -186,7 +263,8 @@ def test_dockerfile_contract():
 
 def _entrypoint_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("MODEL_URI", "MLFLOW_TRACKING_URI", "PORT", "HOST")}
+           if k not in ("MODEL_URI", "LIGHTCYCLE_DEFAULT_MODEL_URI", "MLFLOW_TRACKING_URI", "PORT",
+                        "HOST")}
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
     env.update(extra)
     return env
@@ -195,12 +273,18 @@ def _entrypoint_env(**extra: str) -> dict[str, str]:
 @pytest.mark.parametrize("env, needle", [
     ({"MODEL_URI": "/nonexistent/model"}, "no such directory"),
     ({"MODEL_URI": "models:/lightcycle-fashion-scripted@champion"}, "MLFLOW_TRACKING_URI is not set"),
-    ({}, "MLFLOW_TRACKING_URI is not set"),  # the default MODEL_URI is a registry URI
+    # The default MODEL_URI is a registry URI: the scripted champion, or the one the image names.
+    ({}, "MODEL_URI=models:/lightcycle-fashion-scripted@champion is a registry URI but"),
+    ({"LIGHTCYCLE_DEFAULT_MODEL_URI": ONNX_DEFAULT_MODEL_URI},
+     f"MODEL_URI={ONNX_DEFAULT_MODEL_URI} is a registry URI but"),
+    ({"LIGHTCYCLE_DEFAULT_MODEL_URI": ONNX_DEFAULT_MODEL_URI, "MODEL_URI": "/nonexistent/model"},
+     "MODEL_URI=/nonexistent/model: no such directory"),
     ({"MODEL_URI": "s3://bucket/model"}, "Refusing to serve"),
     ({"MODEL_URI": "runs:/abc/model", "MLFLOW_TRACKING_URI": "http://127.0.0.1:1"}, "Refusing"),
     ({"MODEL_URI": "/"}, "holds no MLmodel"),
     ({"MODEL_URI": "models:/m/1", "MLFLOW_TRACKING_URI": "http://x", "PORT": "80a"}, "not a port"),
-], ids=["missing-dir", "registry-without-tracking", "default-without-tracking", "s3", "runs",
+], ids=["missing-dir", "registry-without-tracking", "default-without-tracking",
+        "image-default-without-tracking", "model-uri-beats-image-default", "s3", "runs",
         "dir-without-mlmodel", "bad-port"])
 def test_entrypoint_refuses_bad_settings_before_starting(env, needle):
     result = subprocess.run(["bash", str(ENTRYPOINT)], env=_entrypoint_env(**env),
@@ -285,12 +369,13 @@ def engine(request):
     return client
 
 
-@pytest.fixture(scope="module")
-def image(engine, tmp_path_factory, request):
-    """Build the image from a copy of the repo's build files plus the build-time extras."""
+def _build(engine, tmp_path_factory, request, tag: str, target: str | None = None) -> dict:
+    """Build `target` (None: the Dockerfile's default, the torch one) from a copy of the repo's
+    build files plus the build-time extras. Only the torch target gets the local torch wheel
+    and its build args; both share the base stage's cached layers."""
     import docker
 
-    context = tmp_path_factory.mktemp("docker-context")
+    context = tmp_path_factory.mktemp(f"docker-context-{target or 'default'}")
     shutil.copy2(DOCKERFILE, context / "Dockerfile")
     shutil.copy2(PROJECT_ROOT / ".dockerignore", context / ".dockerignore")
     (context / "docker").mkdir()
@@ -305,7 +390,7 @@ def image(engine, tmp_path_factory, request):
         local = False  # a normal machine: the Dockerfile's defaults (python:3.11-slim, CPU index)
     if local:
         buildargs["BASE_IMAGE"] = LOCAL_BASE_IMAGE
-        wheel = _local_cpu_torch_wheel()
+        wheel = _local_cpu_torch_wheel() if target in (None, "torch") else None
         if wheel is not None:
             (extras / "wheels").mkdir(parents=True)
             try:
@@ -322,13 +407,14 @@ def image(engine, tmp_path_factory, request):
         shutil.copyfile(ca, extras / "ca-bundle.pem")
 
     try:
-        previous = engine.images.get(IMAGE_TAG).id
+        previous = engine.images.get(tag).id
     except docker.errors.ImageNotFound:
         previous = None
     started = time.monotonic()
     try:
-        built, _ = engine.images.build(path=str(context), tag=IMAGE_TAG, buildargs=buildargs,
-                                       network_mode="host", rm=True, forcerm=True)
+        built, _ = engine.images.build(path=str(context), tag=tag, buildargs=buildargs,
+                                       network_mode="host", rm=True, forcerm=True,
+                                       **({"target": target} if target else {}))
     except docker.errors.BuildError as exc:
         lines = "".join(chunk.get("stream", "") or chunk.get("error", "") for chunk in exc.build_log)
         pytest.fail(f"image build failed ({exc.msg}) with build args {buildargs}:\n{lines[-6000:]}"
@@ -340,10 +426,22 @@ def image(engine, tmp_path_factory, request):
             engine.images.remove(previous)
         except docker.errors.APIError:
             pass
-    _report(request.config, f"built {IMAGE_TAG} in {seconds:.0f} s, {built.attrs['Size'] / 1e6:.0f} MB, "
-                            f"build args {buildargs}")
+    _report(request.config, f"built {tag} (target {target or 'default'}) in {seconds:.0f} s, "
+                            f"{built.attrs['Size'] / 1e6:.0f} MB, build args {buildargs}")
     wheels = [p.name for p in (extras / "wheels").glob("*.whl")] if (extras / "wheels").is_dir() else []
     return {"image": built, "ca": ca, "wheels": wheels, "buildargs": buildargs, "seconds": seconds}
+
+
+@pytest.fixture(scope="module")
+def image(engine, tmp_path_factory, request):
+    """The default target (torch), as `docker build -t lightcycle-serve .` builds it."""
+    return _build(engine, tmp_path_factory, request, IMAGE_TAG)
+
+
+@pytest.fixture(scope="module")
+def onnx_image(engine, tmp_path_factory, request):
+    """The onnx target, as `docker build --target onnx -t lightcycle-serve-onnx .` builds it."""
+    return _build(engine, tmp_path_factory, request, ONNX_IMAGE_TAG, target="onnx")
 
 
 def _wait_for_container(container, url: str, timeout: float = 180) -> None:
@@ -463,6 +561,108 @@ def test_container_serves_the_registry_champion(engine, image, served_model, tra
         container.remove(force=True)
 
 
+_INSPECT_ONNX = """
+import importlib.metadata as m, json, os, shutil
+try:
+    import torch
+    torch_import = "imported torch " + torch.__version__
+except ImportError as exc:
+    torch_import = "ImportError: " + str(exc)
+import onnxruntime
+print(json.dumps({
+    "uid": os.getuid(), "torch_import": torch_import, "onnxruntime": onnxruntime.__version__,
+    "providers": onnxruntime.get_available_providers(),
+    "dists": {d.metadata["Name"].lower(): d.version for d in m.distributions()},
+    "compilers": [c for c in ("gcc", "cc", "g++", "clang", "make") if shutil.which(c)],
+    "build_extras_left": os.path.exists("/tmp/docker"),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_onnx_container_serves_a_mounted_onnx_model(engine, onnx_image, served_onnx_model, request):
+    """The onnx image (`--target onnx`) serves the onnx deployable of the same cnn, with the
+    answers of this process's ONNX Runtime run, and has no torch in it at all."""
+    config = onnx_image["image"].attrs["Config"]
+    assert config.get("User", "").split(":")[0] not in ("", "root", "0"), config.get("User")
+    assert "8080/tcp" in (config.get("ExposedPorts") or {})
+    assert not [e for e in config.get("Env") or [] if re.search(r"CERT|TOKEN|PASSWORD|SECRET", e.split("=")[0])]
+    assert f"LIGHTCYCLE_DEFAULT_MODEL_URI={ONNX_DEFAULT_MODEL_URI}" in (config.get("Env") or [])
+
+    port = free_port()
+    container = _start_container(
+        engine, onnx_image["image"].id,
+        environment={"MODEL_URI": "/models/champion"},
+        volumes={str(served_onnx_model["dir"]): {"bind": "/models/champion", "mode": "ro"}},
+        ports={"8080/tcp": ("127.0.0.1", port)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        healthcheck = (container.attrs["Config"].get("Healthcheck") or {}).get("Test")
+        assert healthcheck and healthcheck[0] == "CMD" and "/ping" in healthcheck[-1], healthcheck
+        started = time.monotonic()
+        _wait_for_container(container, url)
+        ready = time.monotonic() - started
+        accuracy, diff = _check_predictions(_invoke(url, served_onnx_model["pixels"]), served_onnx_model)
+
+        check = container.exec_run(healthcheck[1:])
+        assert check.exit_code == 0, check.output.decode()
+        inspect = container.exec_run(["python", "-c", _INSPECT_ONNX])
+        assert inspect.exit_code == 0, inspect.output.decode()
+        facts = json.loads(inspect.output.decode().strip().splitlines()[-1])
+        assert facts["uid"] != 0
+        # No torch: it cannot be imported and no torch or nvidia distribution is installed.
+        assert facts["torch_import"].startswith("ImportError"), facts["torch_import"]
+        heavy = sorted(d for d in facts["dists"] if d.startswith(("torch", "nvidia", "triton")))
+        assert not heavy, f"the onnx image holds {heavy}"
+        pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (PROJECT_ROOT / "requirements.txt").read_text(), re.M))
+        assert facts["onnxruntime"] == facts["dists"]["onnxruntime"] == pins["onnxruntime"], facts
+        assert "CPUExecutionProvider" in facts["providers"]
+        assert not [p for p in facts["providers"] if "CUDA" in p or "TensorRT" in p], facts["providers"]
+        assert "mlflow-skinny" in facts["dists"] and "mlflow" not in facts["dists"]
+        assert not {"pytest", "lightning", "torchvision", "scikit-learn", "onnx", "onnxscript"} & set(facts["dists"])
+        assert facts["compilers"] == [] and not facts["build_extras_left"]
+
+        started = time.monotonic()
+        container.stop(timeout=30)
+        stopped = time.monotonic() - started
+        container.reload()
+        assert container.attrs["State"]["ExitCode"] == 0, container.logs().decode()[-3000:]
+        assert stopped < 20, f"docker stop took {stopped:.1f} s: SIGTERM was not handled"
+        _report(request.config,
+                f"onnx container: /ping after {ready:.0f} s, accuracy {accuracy:.3f} on "
+                f"{len(served_onnx_model['labels'])} images, onnxruntime {facts['onnxruntime']}, "
+                f"no torch (max probability difference {diff:.2g} from this process's ONNX Runtime, "
+                f"{served_onnx_model['eager_diff']:.2g} from eager), stopped in {stopped:.1f} s")
+    finally:
+        container.remove(force=True)
+
+
+@pytest.mark.slow
+def test_onnx_container_defaults_to_the_onnx_champion(engine, onnx_image):
+    """Without MODEL_URI the onnx image asks for the onnx champion (not the scripted one the
+    torch image serves), and says at once that it needs MLFLOW_TRACKING_URI for it."""
+    container = _start_container(engine, onnx_image["image"].id)
+    try:
+        status = container.wait(timeout=60)["StatusCode"]
+        logs = container.logs().decode()
+        assert status == 2, logs[-3000:]
+        assert f"MODEL_URI={ONNX_DEFAULT_MODEL_URI} is a registry URI" in logs, logs[-3000:]
+    finally:
+        container.remove(force=True)
+
+
+@pytest.mark.slow
+def test_image_sizes(image, onnx_image, request):
+    """The onnx image leaves torch out: at most 500 MB (the torch one is about 1.2 GB)."""
+    torch_size, onnx_size = image["image"].attrs["Size"], onnx_image["image"].attrs["Size"]
+    _report(request.config, f"image sizes: {IMAGE_TAG} {torch_size / 1e6:.0f} MB "
+                            f"(built in {image['seconds']:.0f} s), {ONNX_IMAGE_TAG} "
+                            f"{onnx_size / 1e6:.0f} MB (built in {onnx_image['seconds']:.0f} s)")
+    assert onnx_size <= MAX_ONNX_IMAGE_BYTES, f"the onnx image is {onnx_size / 1e6:.0f} MB"
+    assert onnx_size < torch_size
+
+
 class _Chunks(io.RawIOBase):
     """A readable file over the docker SDK's chunk generator (image.save())."""
 
@@ -485,8 +685,10 @@ class _Chunks(io.RawIOBase):
 
 
 @pytest.mark.slow
-def test_no_layer_holds_the_build_time_extras(image, request):
+@pytest.mark.parametrize("which", ["image", "onnx_image"])
+def test_no_layer_holds_the_build_time_extras(which, request):
     """Every layer of the saved image: no build-extras path, no wheel, no copy of the CA bundle."""
+    image = request.getfixturevalue(which)
     ca = image["ca"]
     names = {"ca-bundle.pem", *image["wheels"]}
     ca_digest = hashlib.sha256(ca.read_bytes()).hexdigest() if ca else None
@@ -511,5 +713,5 @@ def test_no_layer_holds_the_build_time_extras(image, request):
                             found.append(entry.name)
     assert layers >= 2
     assert not found, f"build-time files baked into a layer: {found}"
-    _report(request.config, f"scanned {layers} layers in {time.monotonic() - started:.0f} s: "
+    _report(request.config, f"{which}: scanned {layers} layers in {time.monotonic() - started:.0f} s: "
                             "no CA bundle, wheel or build-extras path")
