@@ -275,9 +275,10 @@ class OnnxGraph:
 
     The same thread settings by batch size as TorchArchive: ONNX Runtime fixes a session's
     intra-op threads when it is made, so there are two sessions over the one graph, a
-    one-thread one for small batches and one with every thread (LIGHTCYCLE_TORCH_THREADS, else
-    ONNX Runtime's default of one per core) for the rest. Both are safe to call from the
-    scoring server's request threads at once."""
+    one-thread one for small batches and one for the rest with LIGHTCYCLE_TORCH_THREADS, else
+    OMP_NUM_THREADS (which torch reads and ONNX Runtime does not: several workers sharing the
+    cores must not each start one thread per core), else ONNX Runtime's one per core. Both are
+    safe to call from the scoring server's request threads at once."""
 
     def __init__(self, artifacts: dict) -> None:
         import onnxruntime
@@ -290,7 +291,10 @@ class OnnxGraph:
             return onnxruntime.InferenceSession(artifacts["onnx"], options,
                                                 providers=["CPUExecutionProvider"])
 
-        self.small, self.large = session(1), session(_threads_from_env())
+        import os
+
+        threads = _threads_from_env() or int(os.environ.get("OMP_NUM_THREADS") or 0) or None
+        self.small, self.large = session(1), session(threads)
         self.input = self.small.get_inputs()[0].name
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
