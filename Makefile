@@ -38,11 +38,12 @@ java:
 # Two pytest workers, one xdist group at a time (a module, or modules sharing a session fixture:
 # see tests/conftest.py), so module fixtures are built once; the longest groups start first
 # (--no-loadscope-reorder keeps conftest's order instead of xdist's "most tests first").
+# --durations=30: the slowest setups and tests, for whoever next makes the suite faster.
 TEST_WORKERS ?= 2
 # No __pycache__ in the checkout: tests/conftest.py fails a session that leaves anything there.
 test: export PYTHONDONTWRITEBYTECODE = 1
 test: venv postgres java
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=30 $(PYTEST_ARGS)
 
 # A team-style tracking server: PostgreSQL if installed (persistent, in .mlflow-server/),
 # sqlite otherwise; artifacts proxied. HOST=0.0.0.0 PORT=5000 AUTH=1 (basic auth).

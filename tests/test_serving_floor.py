@@ -114,26 +114,34 @@ def test_the_scoring_server_writes_the_same_answer_with_the_c_json_encoder(saved
         assert ours.getvalue() == theirs.getvalue()
 
 
+@pytest.fixture(scope="module")
+def saved_onnx(tmp_path_factory):
+    """(the onnx deployable's model dir, its graph file), saved as the chain saves them."""
+    import mlflow.pyfunc
+
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("floor-onnx")
+    archive = str(tmp / "model.onnx")
+    export.save_archive(export.convert(build_net("cnn").eval(), "onnx", example_input(2)), archive)
+    mlflow.pyfunc.save_model(str(tmp / "model"), **export.deployable_model_kwargs(archive, "onnx"))
+    return str(tmp / "model"), archive
+
+
 @pytest.mark.parametrize("env, threads", [({"LIGHTCYCLE_TORCH_THREADS": "2"}, 2),
                                           ({"OMP_NUM_THREADS": "1"}, 1)])
-def test_the_onnx_graph_keeps_the_thread_settings_by_batch_size(tmp_path, monkeypatch, env,
+def test_the_onnx_graph_keeps_the_thread_settings_by_batch_size(saved_onnx, monkeypatch, env,
                                                                 threads):
     """One intra-op thread up to SMALL_BATCH images, the configured count above it; and the
     answers are ONNX Runtime's own for the graph, at both sizes."""
     import mlflow.pyfunc
     import onnxruntime
 
-    torch.manual_seed(0)
-    graph = export.convert(build_net("cnn").eval(), "onnx", example_input(2))
-    archive = str(tmp_path / "model.onnx")
-    export.save_archive(graph, archive)
-    mlflow.pyfunc.save_model(str(tmp_path / "model"),
-                             **export.deployable_model_kwargs(archive, "onnx"))
+    model_dir, archive = saved_onnx
     for name in ("LIGHTCYCLE_TORCH_THREADS", "OMP_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    runtime = mlflow.pyfunc.load_model(str(tmp_path / "model")).unwrap_python_model().runtime
+    runtime = mlflow.pyfunc.load_model(model_dir).unwrap_python_model().runtime
     assert runtime.small.get_session_options().intra_op_num_threads == 1
     assert runtime.large.get_session_options().intra_op_num_threads == threads
     reference = onnxruntime.InferenceSession(archive, providers=["CPUExecutionProvider"])
