@@ -77,7 +77,7 @@ def test_the_onnx_pyfunc_never_imports_torch(graph, tmp_path):
                 if isinstance(node, (ast.Import, ast.ImportFrom))
                 for alias in node.names} | {node.module for node in ast.walk(onnx_class)
                                             if isinstance(node, ast.ImportFrom)}
-    assert imported == {"onnxruntime"}, imported
+    assert "onnxruntime" in imported and not {n for n in imported if n.split(".")[0] == "torch"}, imported
     module_level = {alias.name.split(".")[0] for node in tree.body
                     if isinstance(node, (ast.Import, ast.ImportFrom))
                     for alias in node.names} | {node.module.split(".")[0] for node in tree.body
