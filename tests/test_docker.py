@@ -479,29 +479,44 @@ def _start_container(engine, image_id: str, **kwargs):
     return container
 
 
-@pytest.mark.slow
-def test_container_serves_a_mounted_model(engine, image, served_model, request):
-    """Run as a user would: model directory mounted read-only, port published on 127.0.0.1."""
-    config = image["image"].attrs["Config"]
+
+def _check_image_config(config: dict) -> None:
+    """Not root, port 8080 exposed, no secret-looking variable baked in."""
     assert config.get("User", "").split(":")[0] not in ("", "root", "0"), config.get("User")
     assert "8080/tcp" in (config.get("ExposedPorts") or {})
     assert not [e for e in config.get("Env") or [] if re.search(r"CERT|TOKEN|PASSWORD|SECRET", e.split("=")[0])]
 
+
+def _start_with_mounted_model(engine, image_id: str, model_dir):
+    """Run as a user would: the model directory mounted read-only at /models/champion, the
+    port published on 127.0.0.1. Returns (container, url)."""
     port = free_port()
     container = _start_container(
-        engine, image["image"].id,
+        engine, image_id,
         environment={"MODEL_URI": "/models/champion"},
-        volumes={str(served_model["dir"]): {"bind": "/models/champion", "mode": "ro"}},
+        volumes={str(model_dir): {"bind": "/models/champion", "mode": "ro"}},
         ports={"8080/tcp": ("127.0.0.1", port)},
     )
-    url = f"http://127.0.0.1:{port}"
+    return container, f"http://127.0.0.1:{port}"
+
+
+def _wait_until_healthy(container, url: str) -> tuple[list, float]:
+    """The container's HEALTHCHECK command (its copy: podman 4's image inspect omits it) and
+    the seconds until /ping answered."""
+    healthcheck = (container.attrs["Config"].get("Healthcheck") or {}).get("Test")
+    assert healthcheck and healthcheck[0] == "CMD" and "/ping" in healthcheck[-1], healthcheck
+    started = time.monotonic()
+    _wait_for_container(container, url)
+    return healthcheck, time.monotonic() - started
+
+@pytest.mark.slow
+def test_container_serves_a_mounted_model(engine, image, served_model, request):
+    """Run as a user would: model directory mounted read-only, port published on 127.0.0.1."""
+    _check_image_config(image["image"].attrs["Config"])
+
+    container, url = _start_with_mounted_model(engine, image["image"].id, served_model["dir"])
     try:
-        # The container's copy of the image's HEALTHCHECK (podman 4's image inspect omits it).
-        healthcheck = (container.attrs["Config"].get("Healthcheck") or {}).get("Test")
-        assert healthcheck and healthcheck[0] == "CMD" and "/ping" in healthcheck[-1], healthcheck
-        started = time.monotonic()
-        _wait_for_container(container, url)
-        ready = time.monotonic() - started
+        healthcheck, ready = _wait_until_healthy(container, url)
         accuracy, diff = _check_predictions(_invoke(url, served_model["pixels"]), served_model)
 
         # The image's own HEALTHCHECK command succeeds inside the running container.
@@ -584,25 +599,13 @@ def test_onnx_container_serves_a_mounted_onnx_model(engine, onnx_image, served_o
     """The onnx image (`--target onnx`) serves the onnx deployable of the same cnn, with the
     answers of this process's ONNX Runtime run, and has no torch in it at all."""
     config = onnx_image["image"].attrs["Config"]
-    assert config.get("User", "").split(":")[0] not in ("", "root", "0"), config.get("User")
-    assert "8080/tcp" in (config.get("ExposedPorts") or {})
-    assert not [e for e in config.get("Env") or [] if re.search(r"CERT|TOKEN|PASSWORD|SECRET", e.split("=")[0])]
+    _check_image_config(config)
     assert f"LIGHTCYCLE_DEFAULT_MODEL_URI={ONNX_DEFAULT_MODEL_URI}" in (config.get("Env") or [])
 
-    port = free_port()
-    container = _start_container(
-        engine, onnx_image["image"].id,
-        environment={"MODEL_URI": "/models/champion"},
-        volumes={str(served_onnx_model["dir"]): {"bind": "/models/champion", "mode": "ro"}},
-        ports={"8080/tcp": ("127.0.0.1", port)},
-    )
-    url = f"http://127.0.0.1:{port}"
+    container, url = _start_with_mounted_model(engine, onnx_image["image"].id,
+                                               served_onnx_model["dir"])
     try:
-        healthcheck = (container.attrs["Config"].get("Healthcheck") or {}).get("Test")
-        assert healthcheck and healthcheck[0] == "CMD" and "/ping" in healthcheck[-1], healthcheck
-        started = time.monotonic()
-        _wait_for_container(container, url)
-        ready = time.monotonic() - started
+        healthcheck, ready = _wait_until_healthy(container, url)
         accuracy, diff = _check_predictions(_invoke(url, served_onnx_model["pixels"]), served_onnx_model)
 
         check = container.exec_run(healthcheck[1:])
