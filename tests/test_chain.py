@@ -367,6 +367,8 @@ def test_force_reruns_everything(chain, tracking_uri, tmp_path, model_name):
                               env={"TMPDIR": str(tmp_path)}))
     assert "reusing" not in result.stdout
     assert len(runs_of(chain["experiment"], "train")) == before + 1
+    # and its train step starts over instead of resuming a failed run's checkpoint
+    assert runs_of(chain["experiment"], "train")[0].data.params["resume"] == "false"
     assert versions(model_name) == [1] and versions(chain["name"]) == [1]
     assert not list(tmp_path.rglob("MLmodel")), "a step left a downloaded model in TMPDIR"
     left = [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor_")]
