@@ -81,15 +81,16 @@ set_model(NoOp())
 '''
 # LitServe serving the TorchScript archive with the deployable's input forms and answers: JSON
 # numbers or base64 uint8 in, class ids and probabilities out, one thread for small batches.
+# Its HTTP process runs beside its inference worker, so a large batch leaves it one core.
 LITSERVE_APP = '''
-import base64, sys
+import base64, os, sys
 import numpy as np, torch, litserve as ls
 
 
 class Archive(ls.LitAPI):
     def setup(self, device):
         self.module = torch.jit.load(sys.argv[1], map_location="cpu").eval()
-        self.threads = torch.get_num_threads()
+        self.threads = max(1, (os.cpu_count() or 2) - 1)
 
     def decode_request(self, request):
         inputs = request["inputs"]
@@ -100,7 +101,7 @@ class Archive(ls.LitAPI):
 
     def predict(self, x):
         torch.set_num_threads(1 if len(x) <= 8 else self.threads)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.jit.optimized_execution(False):  # as the deployable
             return torch.softmax(self.module(x), 1)
 
     def encode_response(self, probabilities):
@@ -108,8 +109,9 @@ class Archive(ls.LitAPI):
                                 for p in probabilities]}
 
 
-ls.LitServer(Archive(), accelerator="cpu", workers_per_device=1, timeout=60).run(
-    port=int(sys.argv[2]), generate_client_file=False)
+if __name__ == "__main__":  # LitServe's worker processes import this file again
+    ls.LitServer(Archive(), accelerator="cpu", workers_per_device=1, timeout=60).run(
+        port=int(sys.argv[2]), generate_client_file=False)
 '''
 
 
