@@ -212,10 +212,11 @@ def clients_load(url: str, mix: list[Request], clients: int = 1, seconds: float 
             with contextlib.suppress(OSError, http.client.HTTPException):
                 post(connection, parts.path, mix[(offset + i) % len(mix)].body)
         ready.wait()
-        i = offset
-        while (time.perf_counter() < clock["until"]) if seconds else (i - offset < count):
-            request = mix[i % len(mix)]
-            i += 7  # co-prime with most mixes' lengths: the clients interleave the kinds
+        sent = 0
+        while (time.perf_counter() < clock["until"]) if seconds else (sent < count):
+            # a stride of 7, co-prime with most mixes' lengths: the clients interleave the kinds
+            request = mix[(offset + 7 * sent) % len(mix)]
+            sent += 1
             t = time.perf_counter()
             try:
                 status, body = post(connection, parts.path, request.body)

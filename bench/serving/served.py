@@ -3,7 +3,6 @@
     PATH=.venv/bin:$PATH python -m bench.serving.served --variant floor [--rounds 3] [--seconds 3]
         [--latency-requests 400] [--clients 32] [--train-epochs 0]
     PATH=.venv/bin:$PATH python -m bench.serving.served --variant batch64 [--rounds 3] [--seconds 3]
-    PATH=.venv/bin:$PATH python -m bench.serving.served --variant writers [--requests 2000]
     PATH=.venv/bin:$PATH python -m bench.serving.served --variant deployables [--epochs 8]
         [--rounds 5] [--seconds 1] [--no-onnx]
     PATH=.venv/bin:$PATH python -m bench.serving.served --variant load --url http://127.0.0.1:5001
@@ -27,8 +26,6 @@ graph's batch-1 run alone in process (one thread, as the deployables run small b
 batch64: batch-64 images/s by deployable, request form (JSON numbers or base64 uint8) and
 workers, with 1 and 2 clients, against MLflow's plain `mlflow.pytorch` model and against the
 same archive in process right before and after.
-writers: one request through MLflow's whole handler (`scoring_server.invocations`, no HTTP),
-the deployable's response writer (C JSON encoder) and MLflow's own alternating request by request.
 deployables: every variant of the net in process (batch 1 and 64, interleaved rounds), its
 accuracy on the 180 held-out images and its argmax agreement with eager on shifted copies.
 load: a running server under concurrent clients posting good requests (answers checked against
@@ -330,37 +327,6 @@ def batch64(args, net, tmp: str) -> dict:
                    table))
 
 
-def writers(args, net, tmp: str) -> dict:
-    from mlflow.pyfunc import scoring_server
-
-    dirs = save_models(tmp, net, ["noop", "torchscript", "onnx"])
-    rows = []
-    for name, form, body in (("noop", "JSON batch 1", json_body(1)),
-                             ("torchscript", "JSON batch 1", json_body(1)),
-                             ("onnx", "JSON batch 1", json_body(1)),
-                             ("torchscript", "base64 batch 64", b64_body(64)),
-                             ("onnx", "base64 batch 64", b64_body(64))):
-        model = scoring_server.load_model_with_mlflow_config(dirs[name])
-        scoring_server.init(model)  # the deployable installs its writer here, as in its server
-        own = scoring_server.predictions_to_json
-        writer = {"deployable's": own, "MLflow's": getattr(own, "__wrapped__", own)}
-        times: dict[str, list[float]] = {key: [] for key in writer}
-        n = args.requests if "batch 1" in form else max(args.requests // 20, 20)
-        for i in range(2 * n + 100):
-            key = list(writer)[i % 2]
-            scoring_server.predictions_to_json = writer[key]
-            start = time.perf_counter()
-            answer = scoring_server.invocations(body, "application/json", model,
-                                                model.metadata.get_input_schema())
-            times[key].append(time.perf_counter() - start)
-            assert answer.status == 200, answer.response[:300]
-        scoring_server.predictions_to_json = own
-        rows.append([name, form, *(round(statistics.median(t[50:]) * 1e6) for t in times.values())])
-    return report("served_writers", {"requests": args.requests},
-                  (["model", "request, in process", "the deployable's writer (us, median)",
-                    "MLflow's writer (us, median)"], rows))
-
-
 def deployable_loaders(net, images_t, calibration, reference, no_onnx: bool, tmp: str) -> dict:
     """name -> (a function that loads the variant afresh, a note on its build)."""
     import torch
@@ -544,7 +510,7 @@ def load(args) -> dict:
           [got["rss_after_warmup_kib"], got["rss_end_kib"]]]]))
 
 
-VARIANTS = {"floor": floor, "batch64": batch64, "writers": writers, "deployables": deployables}
+VARIANTS = {"floor": floor, "batch64": batch64, "deployables": deployables}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -554,7 +520,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, help="deployables: train epochs (default 8)")
     parser.add_argument("--latency-requests", type=int, default=400)
     parser.add_argument("--clients", type=int, default=None, help="floor: 32; load: 8")
-    parser.add_argument("--requests", type=int, default=2000, help="writers: batch-1 requests")
     parser.add_argument("--no-onnx", action="store_true", help="deployables: leave onnx out")
     parser.add_argument("--url", help="load: the running server")
     parser.add_argument("--model-uri", default="models:/lightcycle-fashion-scripted@champion")
