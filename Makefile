@@ -6,14 +6,14 @@ BIN := $(abspath $(VENV))/bin
 # `mlflow models serve` execs uvicorn by name and MLproject commands call `python`,
 # so the venv's bin/ must lead PATH for everything we start.
 export PATH := $(BIN):$(PATH)
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml bench/requirements.txt | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
 .PHONY: venv test demo bench clean server postgres java
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml bench/requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
 		echo "error: lightcycle needs Python >= 3.11 ($(PYTHON) is $$($(PYTHON) --version 2>&1 | head -1))." \
 		     "Run: make test PYTHON=python3.11 (or newer)" >&2; exit 1; }
@@ -21,6 +21,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@# The benchmarks' own pins (LitServe), without their dependencies: see bench/requirements.txt.
+	$(BIN)/python -m pip install --quiet --no-deps -r bench/requirements.txt
 	@# The editable install's metadata lives in .venv; setuptools' copy in src/ is a leftover
 	@# that would stand in the checkout (README: nothing outside .venv).
 	@rm -rf src/lightcycle.egg-info

@@ -1,14 +1,14 @@
-"""The benchmarks that fit in 15 minutes on a 2-core machine, each printed as a markdown table
-under its area (`make bench`).
+"""The benchmarks that fit in 15 minutes on a 2-core machine, their tables under their areas
+(`make bench`).
 
     PATH=.venv/bin:$PATH python -m bench.dashboard [--only serving,chain.chain] [--list]
 
 Each benchmark runs as `python -m bench.<area>.<name>` with short settings, from the repository
 root, under its own time limit; its output goes to bench/results/<results>.log. The dashboard
-then reads the figures it saved (bench/results/<results>.json) and prints them with the module's
-`table`. A benchmark that fails or runs out of time is reported as such and the others still
-run. Progress goes to stderr and the report to stdout, so `make bench > report.md` keeps the
-report alone. The settings are short: the tables show where things stand, not figures to quote
+then prints the tables the benchmark returned (saved in bench/results/<results>.json) as they
+are. A benchmark that fails or runs out of time is reported as such and the others still run.
+Progress goes to stderr and the report to stdout, so `make bench > report.md` keeps the report
+alone. The settings are short: the tables show where things stand, not figures to quote
 (BENCHMARKS.md has those, with the settings they were measured with).
 """
 
@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench.common import RESULTS, ROOT, child_env
+from bench.common import RESULTS, ROOT, child_env, markdown_table
 
 AREAS = {"training": "Training", "chain": "Chain", "serving": "Serving", "spark": "Spark",
          "scale": "Scale"}
@@ -76,14 +76,14 @@ BENCHMARKS = (
     Benchmark("chain.log_model", (), "log_model", 30),
     # 4 tracking server starts: 15-20 s each, plus 3 s to count the processes.
     Benchmark("chain.server_start", ("--repeats", "2"), "server_start", 90),
-    # 2 conversions, 3 server starts (no-op, torchscript, int8; the "before" wrapper left out),
-    # then about 20 s of 2-second figures and the profile.
-    Benchmark("serving.served_floor", ("--rounds", "1", "--seconds", "2", "--train-epochs", "0",
-                                       "--profile-requests", "200", "--before-rev", ""),
-              "served_floor", 120),
-    # 2 epochs, 8 variants built and checked (most of it), 2 rounds of 16 x 0.5 s.
-    Benchmark("serving.deployable", ("--epochs", "2", "--rounds", "2", "--seconds", "0.5",
-                                     "--no-onnx"), "deployable", 120),
+    # 3 conversions, 4 server starts (no-op, torchscript, onnx, LitServe), 3 s of figures a
+    # server, then the CLI and import timings (about 30 s) and the graphs alone.
+    Benchmark("serving.served", ("--variant", "floor", "--rounds", "1", "--seconds", "1",
+                                 "--train-epochs", "0", "--latency-requests", "200"),
+              "served_floor", 150),
+    # 2 epochs, 9 variants built and checked (most of it), 2 rounds of 18 x 0.5 s.
+    Benchmark("serving.served", ("--variant", "deployables", "--epochs", "2", "--rounds", "2",
+                                 "--seconds", "0.5", "--no-onnx"), "deployables", 120),
     # The Spark session (20-40 s), then 1,000 images (warm-up) and 5,000 by each engine.
     Benchmark("spark.predict", ("--sizes", "5000"), "spark", 120),
     # `main` at 1 epoch on the sample (about 40 s), a `serve` start, 2 x (3 + 3) s of load.
@@ -138,33 +138,31 @@ def run(benchmark: Benchmark) -> tuple[str | None, float]:
     return None, seconds
 
 
-def section(benchmark: Benchmark, seconds: float, figures: dict | None = None,
+def section(benchmark: Benchmark, seconds: float, result: dict | None = None,
             problem: str | None = None, log_tail: list[str] = ()) -> str:
     """The report on one benchmark: what it measures, the command, then the machine and the
-    table of its `figures`, or the `problem` and the end of its log."""
+    tables it returned, or the `problem` and the end of its log."""
     module = importlib.import_module(f"bench.{benchmark.module}")
     what = " ".join(module.__doc__.strip().split("\n\n")[0].split())
-    lines = [f"### {benchmark.module}", "", what, "", f"    {benchmark.command}", ""]
+    lines = [f"### {benchmark.module} ({benchmark.results})", "", what, "",
+             f"    {benchmark.command}", ""]
     if problem:
         return "\n".join([*lines, f"**{problem}** ({minutes(seconds)}); the end of "
                                    f"{benchmark.log}:", "", *(f"    {line}" for line in log_tail)])
-    lines += [f"{figures['machine']}; took {minutes(seconds)}", ""]
-    try:
-        lines.append(module.table(figures))
-    except Exception as exc:  # one table that no longer fits its figures leaves the others
-        lines.append(f"**no table**: {type(exc).__name__}: {exc} (figures in {benchmark.saved})")
-    return "\n".join(lines)
+    tables = [markdown_table(t["header"], t["rows"]) for t in result["tables"]]
+    return "\n".join(lines + [f"{result['machine']}; took {minutes(seconds)}", "",
+                               "\n\n".join(tables)])
 
 
 def chosen(only: str | None) -> list[Benchmark]:
     if not only:
         return list(BENCHMARKS)
     names = {name.strip().removeprefix("bench.") for name in only.split(",") if name.strip()}
-    known = set(AREAS) | {b.module for b in BENCHMARKS}
+    known = set(AREAS) | {b.module for b in BENCHMARKS} | {b.results for b in BENCHMARKS}
     if names - known:
         sys.exit(f"--only: no area or benchmark {sorted(names - known)}; "
                  f"choose from {sorted(known)}")
-    return [b for b in BENCHMARKS if b.area in names or b.module in names]
+    return [b for b in BENCHMARKS if names & {b.area, b.module, b.results}]
 
 
 def main(argv: list[str] | None = None) -> int:

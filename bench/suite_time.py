@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import RESULTS, ROOT, save
+from bench.common import RESULTS, ROOT, report
 
 TIERS = {"fast": '-m "not slow"', "full": ""}
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/cpuacct"), Path("/sys/fs/cgroup/unified"),
@@ -86,23 +86,17 @@ def measure(tier: str, extra: str = "") -> dict:
     return figures
 
 
-def table(figures: dict) -> str:
-    return ("| tier | command | pytest wall | CPU, everything it started | result |\n"
-            "|---|---|---|---|---|\n"
-            f"| {figures['tier']} | `{figures['command']}` | {figures['pytest_wall_s']} s | "
-            f"{figures['cpu_s'] or figures['cpu_s_reaped_children']} s | {figures['summary']} |")
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tier", choices=sorted(TIERS), default="fast")
     parser.add_argument("--pytest-args", default="", help="more pytest arguments, e.g. --durations=40")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     figures = measure(args.tier, args.pytest_args)
-    save(f"suite_{args.tier}", figures)
-    print(table(figures))
-    sys.exit(figures["exit_code"])
+    return report(f"suite_{args.tier}", figures, (
+        ["tier", "command", "pytest wall (s)", "CPU, everything it started (s)", "result"],
+        [[figures["tier"], f"`{figures['command']}`", figures["pytest_wall_s"],
+          figures["cpu_s"] or figures["cpu_s_reaped_children"], figures["summary"]]]))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main()["exit_code"])

@@ -12,12 +12,12 @@ import time
 
 import mlflow
 
-from bench.common import markdown_table, save, sqlite_store
+from bench.common import report, sqlite_store
 from lightcycle.lifecycle import model_io
 from lightcycle.model.nets import build_net
 
 
-def main(repeats: int = 5):
+def main(argv: list[str] | None = None, repeats: int = 5) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tracking_uri(sqlite_store(tmp))
         # Artifacts beside the store: a sqlite store's default, ./mlruns, is the checkout's.
@@ -34,19 +34,14 @@ def main(repeats: int = 5):
                 start = time.perf_counter()
                 mlflow.register_model(info.model_uri, "bench-model")
                 register_times.append(time.perf_counter() - start)
-    save("log_model", {"log_model_s_median": round(statistics.median(log_times), 3),
-                       "log_model_s_max": round(max(log_times), 3),
-                       "register_s_median": round(statistics.median(register_times), 3),
-                       "goal_s": 1.0})
-
-
-def table(figures: dict) -> str:
-    return markdown_table(
-        ["measure", "seconds", "goal"],
-        [["log one model version (eager, explicit requirements), median",
-          figures["log_model_s_median"], f"<= {figures['goal_s']}"],
-         ["the same, slowest", figures["log_model_s_max"], ""],
-         ["register that version, median", figures["register_s_median"], ""]])
+    figures = {"log_model_s_median": round(statistics.median(log_times), 3),
+               "log_model_s_max": round(max(log_times), 3),
+               "register_s_median": round(statistics.median(register_times), 3), "goal_s": 1.0}
+    return report("log_model", figures, (["measure", "seconds", "goal"], [
+        ["log one model version (eager, explicit requirements), median",
+         figures["log_model_s_median"], f"<= {figures['goal_s']}"],
+        ["the same, slowest", figures["log_model_s_max"], ""],
+        ["register that version, median", figures["register_s_median"], ""]]))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import free_port, markdown_table, save, stop_process, wait_for_http
+from bench.common import free_port, report, serving
 from lightcycle.operations.tracking_server import mlflow_server_command
 
 
@@ -26,42 +26,30 @@ def start_once(jobs: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if jobs else "false"}
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            mlflow_server_command(f"sqlite:///{tmp}/mlflow.db", Path(tmp, "artifacts"),
-                                  "127.0.0.1", port),
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout=180)
-            seconds = time.perf_counter() - t0
+        with serving(mlflow_server_command(f"sqlite:///{tmp}/mlflow.db", Path(tmp, "artifacts"),
+                                           "127.0.0.1", port),
+                     f"http://127.0.0.1:{port}/health", env, timeout=180) as (proc, seconds):
             time.sleep(3)  # let the job runner's consumers finish starting before counting them
             out = subprocess.run(["ps", "-o", "rss=", "-g", str(proc.pid)], capture_output=True,
                                  text=True).stdout.split()
             return {"seconds": seconds, "processes": len(out),
                     "rss_mib": sum(int(x) for x in out) / 1024}
-        finally:
-            stop_process(proc)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows: dict[bool, list[dict]] = {True: [], False: []}
-    for _ in range(args.repeats):
+    for _ in range(args.repeats):  # alternating, so load from elsewhere hits both alike
         for jobs in (True, False):
             rows[jobs].append(start_once(jobs))
-    figures = {("job_runner_on" if jobs else "job_runner_off"): {
+    figures = {("job runner on" if jobs else "job runner off"): {
         k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
         for jobs, runs in rows.items()}
-    save("server_start", figures)
-
-
-def table(figures: dict) -> str:
-    rows = [[setting.replace("_", " "), row["seconds"], row["processes"], row["rss_mib"]]
-            for setting, row in figures.items() if setting.startswith("job_runner")]
-    return markdown_table(["`mlflow server --workers 1`, fresh sqlite",
-                           "to first 200 on /health (s)", "processes", "RSS (MiB)"], rows)
+    return report("server_start", figures, (
+        ["`mlflow server --workers 1`, fresh sqlite", "to first 200 on /health (s)", "processes",
+         "RSS (MiB)"], [[setting, *row.values()] for setting, row in figures.items()]))
 
 
 if __name__ == "__main__":

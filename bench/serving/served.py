@@ -1,34 +1,42 @@
-"""Served figures in one run, each beside its reference (medians over rounds).
+"""Serving: the deployables in process and behind a server, one variant a measure.
 
-    PATH=.venv/bin:$PATH python -m bench.serving.served [--rounds 3] [--seconds 4]
-        [--reference-rev 1879355] [--eager-uri models:/lightcycle-fashion/1]
+    PATH=.venv/bin:$PATH python -m bench.serving.served --variant floor [--rounds 3] [--seconds 3]
+        [--latency-requests 400] [--clients 32] [--train-epochs 0]
+    PATH=.venv/bin:$PATH python -m bench.serving.served --variant batch64 [--rounds 3] [--seconds 3]
+    PATH=.venv/bin:$PATH python -m bench.serving.served --variant deployables [--epochs 8]
+        [--rounds 5] [--seconds 1] [--no-onnx]
+    PATH=.venv/bin:$PATH python -m bench.serving.served --variant load --url http://127.0.0.1:5001
+        [--clients 8] [--seconds 30] [--model-uri models:/lightcycle-fashion-scripted@champion]
+        [--pid <server pid>]
 
-One net (`--eager-uri`, or a `cnn` trained `--train-epochs` epochs on the sample by the plain
-loop of bench.common; 0: untrained, same shapes and cost) gives:
-  * a frozen TorchScript archive (`torch.jit.freeze(torch.jit.script(net))`) behind
-    `deployable_model_kwargs`, with this checkout's `serving_model.py` ("new") and with the one
-    at `--reference-rev` ("reference", an older wrapper);
-  * the deployables exactly as the chain builds them now (export.convert_and_check):
-    `deployable=torchscript` ("chain_torchscript": channels_last, frozen) and
-    `deployable=int8` ("int8": FX static int8, calibrated on the sample's training images);
-  * a plain `mlflow.pytorch.save_model(net)` with MLflow's defaults ("plain_pytorch");
-  * "no_model": a pyfunc with the deployable's signature that answers zeros without a model:
-    the floor `mlflow models serve` itself puts under batch-1 latency and cold start.
-Each round measures, one after the other on this machine:
-  * in-process images/s of the deployable's archive (`torch.jit.load`, fresh per batch size,
-    20 warm-up calls, then `--seconds` of calls), batch 64 and batch 1;
-  * each server: cold start (process start to the first 200 on /ping), batch-1 latency over
-    `--latency-requests` sequential requests, batch-64 images/s for `--seconds`; one client with
-    keep-alive. Servers: `mlflow models serve` on reference / new / plain, and lightcycle's
-    `serve` (steps/serve.py) on new, with torch's default threads and with
-    LIGHTCYCLE_TORCH_THREADS=1. The new servers are measured with both request forms:
-    JSON numbers `{"inputs": [...]}` and `{"inputs": {"pixels_uint8_b64": ...}}`.
-Prints JSON (and writes bench/results/served.json).
+One `cnn` (trained `--train-epochs` by bench.common's plain loop; 0: untrained, same shapes and
+cost) is converted as the chain converts it (export.convert_and_check) into the deployables
+torchscript (the default), int8 and onnx, each saved as the chain's pyfunc.
+
+floor: side by side in each round, every server started afresh (the order reversed every other
+round): MLflow's floor (a no-op pyfunc answering zeros, no signature), the torchscript and onnx
+deployables under `mlflow models serve` (1 worker), and the torchscript archive under LitServe
+(bench/requirements.txt) as the peer. Per server: cold start (process start to the first 200 on
+/ping, LitServe's /health), batch-1 JSON p50 over `--latency-requests` sequential requests on one
+keep-alive connection and the server's CPU per request, `--clients` concurrent batch-1 clients
+(requests/s, errors, CPU per request), base64 batch-64 images/s from one client. Ratios are per
+round; medians with their ranges against GOALS. Where the time goes, in the same run: the
+`mlflow` CLI's own start, importing onnxruntime or torch after MLflow's scoring server, each
+graph's batch-1 run alone in process (one thread, as the deployables run small batches).
+batch64: batch-64 images/s by deployable, request form (JSON numbers or base64 uint8) and
+workers, with 1 and 2 clients, against MLflow's plain `mlflow.pytorch` model and against the
+same archive in process right before and after.
+deployables: every variant of the net in process (batch 1 and 64, interleaved rounds), its
+accuracy on the 180 held-out images and its argmax agreement with eager on shifted copies.
+load: a running server under concurrent clients posting good requests (answers checked against
+the model in this process) and bad ones (each must get a 4xx); tests/test_faults.py runs it.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
+import io
 import json
 import os
 import statistics
@@ -37,30 +45,81 @@ import sys
 import tempfile
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
-import requests
-import torch
 
-from bench.common import (ROOT, VENV_BIN, child_env, file_at, free_port, images_per_second,
-                          sqlite_store,
-                          markdown_table, rounds_parser, save, trained_cnn)
-from bench.common import stop_process as stop
-from lightcycle.lifecycle import export, model_io
-from lightcycle.model import data
+from bench.common import (VENV_BIN, Request, child_env, clients_load, free_port, report,
+                          rounds_parser, server_usage, serving, sqlite_store, summary,
+                          trained_cnn)
 
 warnings.simplefilter("ignore")
-GOALS = {"served_vs_in_process_batch64": 0.6, "served_vs_plain_pytorch_batch64": 3.0,
-         "batch1_p50_ms": 3.0, "batch1_p99_ms": 8.0, "serve_cold_start_s": 3.0}
+P50, B64 = "batch-1 p50 (ms)", "base64 batch 64, images/s"  # the floor's figures, by label
+DEPLOYABLES = {"torchscript": "script", "int8": "quantize", "onnx": "onnx"}
+# (ratio, sense, bound): the onnx deployable against MLflow's floor and its peers.
+GOALS = {"onnx batch-1 p50 / no-op": ("<=", 1.10), "onnx cold start / no-op": ("<=", 1.10),
+         "onnx 32 clients requests/s / no-op, no errors": (">=", 0.9),
+         "onnx base64 batch-64 images/s / torchscript": (">=", 1.0),
+         "onnx cold start / LitServe": ("<", 1.0), "onnx batch-1 p50 / LitServe": ("<", 1.0),
+         "onnx 32 clients requests/s / LitServe": (">", 1.0)}
+NOOP_CODE = '''
+import numpy as np
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+
+class NoOp(PythonModel):
+    def predict(self, context, model_input, params=None):
+        return np.zeros((len(model_input), 10), dtype=np.float32)
+
+
+set_model(NoOp())
+'''
+# LitServe serving the TorchScript archive with the deployable's input forms and answers: JSON
+# numbers or base64 uint8 in, class ids and probabilities out, one thread for small batches.
+# Its HTTP process runs beside its inference worker, so a large batch leaves it one core.
+LITSERVE_APP = '''
+import base64, os, sys
+import numpy as np, torch, litserve as ls
+
+
+class Archive(ls.LitAPI):
+    def setup(self, device):
+        self.module = torch.jit.load(sys.argv[1], map_location="cpu").eval()
+        self.threads = max(1, (os.cpu_count() or 2) - 1)
+
+    def decode_request(self, request):
+        inputs = request["inputs"]
+        if isinstance(inputs, dict):
+            pixels = np.frombuffer(base64.b64decode(inputs["pixels_uint8_b64"]), np.uint8)
+            return torch.from_numpy(pixels.reshape(-1, 1, 28, 28).astype(np.float32))
+        return torch.tensor(inputs, dtype=torch.float32).reshape(-1, 1, 28, 28)
+
+    def predict(self, x):
+        torch.set_num_threads(1 if len(x) <= 8 else self.threads)
+        with torch.inference_mode(), torch.jit.optimized_execution(False):  # as the deployable
+            return torch.softmax(self.module(x), 1)
+
+    def encode_response(self, probabilities):
+        return {"predictions": [{"class_id": int(p.argmax()), "probabilities": p.tolist()}
+                                for p in probabilities]}
+
+
+if __name__ == "__main__":  # LitServe's worker processes import this file again
+    ls.LitServer(Archive(), accelerator="cpu", workers_per_device=1, timeout=60).run(
+        port=int(sys.argv[2]), generate_client_file=False)
+'''
 
 
 def images(n: int) -> np.ndarray:
+    from lightcycle.model import data
+
     pixels = data.load_split(data.default_data_dir(), "test").images
     return np.concatenate([pixels] * (n // len(pixels) + 1))[:n]
 
 
-def json_body(n: int) -> bytes:  # as serving.formats and the README: float JSON, (N, 1, 28, 28)
+def json_body(n: int) -> bytes:  # as the README's client sends: float JSON, (N, 1, 28, 28)
     return json.dumps({"inputs": images(n)[:, None].astype(np.float32).tolist()}).encode()
 
 
@@ -70,221 +129,414 @@ def b64_body(n: int) -> bytes:
 
 
 def in_process(archive: str, batch: int, seconds: float) -> float:
+    import torch
+
+    from bench.common import images_per_second
+
     module = torch.jit.load(archive, map_location="cpu").eval()
     return images_per_second(module, torch.from_numpy(images(batch)[:, None].astype(np.float32)),
                              seconds)
 
 
-def start(cmd: list[str], port: int, env: dict) -> tuple[subprocess.Popen, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd} exited with {proc.returncode}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                return proc, time.perf_counter() - t0
-        except requests.RequestException:
-            pass
-        time.sleep(0.02)
-
-
-def models_serve(port: int, model_dir: str, *options: str) -> list[str]:
-    """`mlflow models serve` on `model_dir`, in this environment, on 127.0.0.1:`port`."""
+def models_serve(model_dir: str, port: int, *options: str) -> list[str]:
     return [os.path.join(VENV_BIN, "mlflow"), "models", "serve", "--env-manager", "local",
             "-h", "127.0.0.1", "-p", str(port), *options, "-m", model_dir]
 
 
-def chain_deployable(net, method: str, tmp: str, name: str) -> tuple[str, str, str]:
-    """`net` converted as the chain converts it (export.convert_and_check) and saved as the
-    chain's pyfunc, under `tmp`: (archive, model dir, the conversion's stage and parity)."""
-    import mlflow.pyfunc
-
-    conversion = export.convert_and_check(net, method, data.default_data_dir())
-    archive = os.path.join(tmp, f"{name}.pt")
-    export.save_archive(conversion.module, archive)
-    model_dir = os.path.join(tmp, name)
-    mlflow.pyfunc.save_model(model_dir, **export.deployable_model_kwargs(archive, "torchscript"))
-    return archive, model_dir, f"{conversion.stage}, {conversion.parity.describe()}"
-
-
-def with_wrapper_at(rev: str, archive: str, tmp: str, name: str,
-                    path: str = "src/lightcycle/serving/serving_model.py") -> str:
-    """`archive` saved as the chain's pyfunc with the wrapper (`path`) as it was at `rev`, under
-    `tmp`: before and after a change to the wrapper, in one run. Returns the model dir."""
-    import mlflow.pyfunc
-
-    code = os.path.join(tmp, f"{name}_serving_model.py")
-    Path(code).write_text(file_at(rev, path))
-    model_dir = os.path.join(tmp, name)
-    mlflow.pyfunc.save_model(model_dir, **{**export.deployable_model_kwargs(archive, "torchscript"),
-                                           "python_model": code})
-    return model_dir
-
-
-def measure(url: str, one: bytes, many: bytes, requests_n: int, seconds: float) -> dict:
-    headers = {"Content-Type": "application/json"}
-    with requests.Session() as session:
-        def post(body):
-            response = session.post(url, data=body, headers=headers, timeout=60)
-            if response.status_code != 200:
-                raise RuntimeError(f"{response.status_code}: {response.text[:300]}")
-        for _ in range(20):
-            post(one)
-        for _ in range(5):
-            post(many)
-        latencies = []
-        for _ in range(requests_n):
-            t = time.perf_counter()
-            post(one)
-            latencies.append((time.perf_counter() - t) * 1000)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            post(many)
-            n += 1
-        batch64 = n * 64 / (time.perf_counter() - t0)
-    latencies.sort()
-    return {"batch1_p50_ms": latencies[len(latencies) // 2],
-            "batch1_p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-            "batch64_images_per_s": batch64}
-
-
-def save_models(tmp: str, net, reference_rev: str) -> dict[str, str]:
+def save_models(tmp: str, net, names) -> dict[str, str]:
+    """The named models under `tmp`: the no-op, MLflow's plain `mlflow.pytorch` model, and the
+    deployables as the chain converts and saves them (`<name>_archive` beside each)."""
     import mlflow.pyfunc
     import mlflow.pytorch
 
-    archive = os.path.join(tmp, "model.pt")
-    export.save_archive(torch.jit.freeze(torch.jit.script(net)), archive)
-    dirs = {"archive": archive}
-    kwargs = export.deployable_model_kwargs(archive, "torchscript")
-    dirs["new"] = os.path.join(tmp, "new")
-    mlflow.pyfunc.save_model(dirs["new"], **kwargs)
-    dirs["reference"] = with_wrapper_at(reference_rev, archive, tmp, "reference",
-                                        "src/lightcycle/serving_model.py")
-    # The chain's own conversions (export.publish without the run and registry).
-    for name, method in (("chain_torchscript", "script"), ("int8", "quantize")):
-        dirs[f"{name}_archive"], dirs[name], dirs[f"{name}_stage"] = chain_deployable(
-            net, method, tmp, name)
-    # No model at all: the deployable's signature and wrapper contract, answered with zeros.
-    # Its batch-1 latency and cold start are what `mlflow models serve` costs before any model.
-    class NoModel(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input, params=None):
-            return np.zeros((len(model_input), 10), dtype=np.float32)
+    from lightcycle.lifecycle import export, model_io
+    from lightcycle.model import data
 
-    dirs["no_model"] = os.path.join(tmp, "no_model")
-    mlflow.pyfunc.save_model(dirs["no_model"], python_model=NoModel(),
-                             signature=kwargs["signature"], input_example=kwargs["input_example"],
-                             pip_requirements=[f"mlflow=={mlflow.__version__}"])
-    dirs["plain_pytorch"] = os.path.join(tmp, "plain_pytorch")
-    # MLflow's defaults (pt2 serialization, tensor signature from the example); explicit
-    # requirements only to skip 10 s of inference at save time (no effect on serving).
-    mlflow.pytorch.save_model(net, dirs["plain_pytorch"], input_example=model_io.input_example(),
-                              pip_requirements=model_io.torch_requirements())
+    dirs = {name: os.path.join(tmp, name) for name in names}
+    for name in names:
+        if name == "noop":
+            Path(tmp, "noop.py").write_text(NOOP_CODE)
+            mlflow.pyfunc.save_model(dirs[name], python_model=str(Path(tmp, "noop.py")),
+                                     pip_requirements=[f"mlflow=={mlflow.__version__}"])
+        elif name == "plain_pytorch":  # MLflow's defaults: pt2, tensor signature; requirements
+            # given only to skip 10 s of inference at save time (no effect on serving)
+            mlflow.pytorch.save_model(net, dirs[name], input_example=model_io.input_example(),
+                                      pip_requirements=model_io.torch_requirements())
+        else:
+            conversion = export.convert_and_check(net, DEPLOYABLES[name], data.default_data_dir())
+            fmt = export.FORMATS[DEPLOYABLES[name]]
+            dirs[f"{name}_archive"] = os.path.join(tmp, f"{name}.{'onnx' if fmt == 'onnx' else 'pt'}")
+            export.save_archive(conversion.module, dirs[f"{name}_archive"])
+            mlflow.pyfunc.save_model(dirs[name], **export.deployable_model_kwargs(
+                dirs[f"{name}_archive"], fmt))
     return dirs
 
 
-def median_of(rows: list[dict]) -> dict:
-    return {k: round(statistics.median(r[k] for r in rows), 3 if k.endswith("_s") else 2)
-            for k in rows[0]}
+def server(name: str, dirs: dict, port: int, tmp: str) -> tuple[list[str], str, str]:
+    """(command, health URL, request URL) of server `name` on `port`."""
+    url = f"http://127.0.0.1:{port}"
+    if name == "litserve":
+        Path(tmp, "litserve_app.py").write_text(LITSERVE_APP)
+        return ([sys.executable, str(Path(tmp, "litserve_app.py")), dirs["torchscript_archive"],
+                 str(port)], url + "/health", url + "/predict")
+    if name.endswith("_workers2"):  # the serve step: one torch thread per worker
+        return ([sys.executable, "steps/serve.py", "--model_uri", dirs[name.split("_")[0]],
+                 "--port", str(port), "--workers", "2"], url + "/ping", url + "/invocations")
+    return models_serve(dirs[name], port), url + "/ping", url + "/invocations"
 
 
-def main() -> None:
-    parser = rounds_parser(__doc__, rounds=3, seconds=4.0)
-    parser.add_argument("--latency-requests", type=int, default=300)
-    parser.add_argument("--reference-rev", default="1879355")
-    parser.add_argument("--eager-uri", default="", help="a trained eager model to use")
-    parser.add_argument("--train-epochs", type=int, default=3,
-                        help="without --eager-uri: train a cnn this long (0: untrained)")
-    args = parser.parse_args()
+def seconds_to_run(code: list[str], rounds: int = 3) -> dict[str, float]:
+    """Median seconds of each command in a fresh process, the commands alternating."""
+    times: dict[str, list[float]] = {c: [] for c in code}
+    for _ in range(rounds):
+        for command in code:
+            start = time.perf_counter()
+            subprocess.run(command, shell=True, env=child_env(), check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times[command].append(time.perf_counter() - start)
+    return {c: round(statistics.median(t), 3) for c, t in times.items()}
 
-    if args.eager_uri:
-        net = model_io.load_eager_net(args.eager_uri)
+
+def batch1_alone_us(dirs: dict, n: int = 2000) -> dict[str, float]:
+    """Median microseconds of one batch-1 run of each graph in process, one thread."""
+    import onnxruntime
+    import torch
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    session = onnxruntime.InferenceSession(dirs["onnx_archive"], options,
+                                           providers=["CPUExecutionProvider"])
+    x = images(1)[:, None].astype(np.float32)
+    feed = {session.get_inputs()[0].name: x}
+    module = torch.jit.load(dirs["torchscript_archive"]).eval()
+    runs = {"onnx": lambda: session.run(None, feed), "torchscript": lambda: module(torch.from_numpy(x))}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    with torch.inference_mode():
+        for name, run in runs.items():
+            times = []
+            for i in range(n + 50):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            out[name] = round(statistics.median(times[50:]) * 1e6)
+    torch.set_num_threads(threads)
+    return out
+
+
+def floor(args, net, tmp: str) -> dict:
+    names = ["noop", "torchscript", "onnx", "litserve"]
+    dirs = save_models(tmp, net, ["noop", "torchscript", "onnx"])
+    env = child_env(MLFLOW_TRACKING_URI=sqlite_store(tmp))
+    one_json, many_b64 = Request(json_body(1)), Request(b64_body(64), images=64)
+    rounds: dict[str, list[dict]] = {name: [] for name in names}
+    rate = f"{args.clients} clients, requests/s"
+    for r in range(args.rounds):
+        with ExitStack() as servers:
+            started = {}
+            for name in names if r % 2 == 0 else names[::-1]:
+                cmd, health, url = server(name, dirs, free_port(), tmp)
+                proc, cold = servers.enter_context(serving(cmd, health, env))
+                started[name] = proc, url
+                rounds[name].append({"cold start (s)": cold})
+
+            def measure(label: str, figure: str, cpu_label: str | None = None, **load) -> None:
+                """One figure of clients_load's for every server, the servers one after the other."""
+                for name, (proc, url) in started.items():
+                    cpu = server_usage(proc)[0]
+                    got = clients_load(url, **load)
+                    row = rounds[name][-1]
+                    row[label], row[f"{label}: errors"] = got[figure], got["errors"]
+                    if cpu_label:
+                        row[cpu_label] = (server_usage(proc)[0] - cpu) / max(got["requests"], 1) * 1000
+
+            measure(P50, "p50_ms", "server CPU per batch-1 request (ms)", mix=[one_json],
+                    count=args.latency_requests)
+            measure(rate, "requests_per_s", f"{args.clients} clients, server CPU per request (ms)",
+                    mix=[one_json], clients=args.clients, seconds=args.seconds)
+            measure(B64, "images_per_s", mix=[many_b64], seconds=args.seconds)
+        print(f"round {r + 1}/{args.rounds}:", json.dumps({k: v[-1] for k, v in rounds.items()}),
+              file=sys.stderr, flush=True)
+
+    def ratio(name: str, key: str, over: str) -> dict:
+        return summary([a[key] / b[key] for a, b in zip(rounds[name], rounds[over])])
+
+    ratios = dict(zip(GOALS, [
+        ratio("onnx", P50, "noop"), ratio("onnx", "cold start (s)", "noop"),
+        ratio("onnx", rate, "noop"), ratio("onnx", B64, "torchscript"),
+        ratio("onnx", "cold start (s)", "litserve"), ratio("onnx", P50, "litserve"),
+        ratio("onnx", rate, "litserve")]))
+    errors = sum(row[f"{rate}: errors"] for row in rounds["onnx"])
+    verdicts = {goal: "met" if {"<=": got["median"] <= bound, "<": got["median"] < bound,
+                                ">=": got["median"] >= bound, ">": got["median"] > bound}[sense]
+                and not (goal.endswith("no errors") and errors) else "missed"
+                for goal, got in ratios.items() for sense, bound in [GOALS[goal][:2]]}
+    figures = {name: {key: summary([row[key] for row in got]) for key in got[0]}
+               for name, got in rounds.items()}
+    startup = seconds_to_run(["mlflow --version", "python -c 'import mlflow.pyfunc.scoring_server'",
+                              "python -c 'import mlflow.pyfunc.scoring_server, onnxruntime'",
+                              "python -c 'import mlflow.pyfunc.scoring_server, torch'"])
+    cli, scoring, ort, torch_ = startup.values()
+    alone = batch1_alone_us(dirs)
+    return report("served_floor", {
+        "rounds": args.rounds, "seconds": args.seconds, "clients": args.clients,
+        "load_average_at_end": os.getloadavg(), "figures": figures, "ratios": ratios,
+        "goals": verdicts, "startup_s": startup, "batch1_alone_us": alone, "rounds_detail": rounds},
+        (["measure (median of rounds, range)", "no-op", "torchscript", "onnx", "LitServe"],
+         [[key, *(figures[name][key] for name in names)] for key in figures["onnx"]]),
+        (["goal", "ratio (median of rounds, range)", "bound", ""],
+         [[goal, got, " ".join(map(str, GOALS[goal])), verdicts[goal]] for goal, got in ratios.items()]),
+        (["where the time goes, same run", "seconds or us"],
+         [["`mlflow --version`: the CLI's own start (s)", cli],
+          ["importing onnxruntime after MLflow's scoring server (s)", round(ort - scoring, 3)],
+          ["importing torch after MLflow's scoring server (s)", round(torch_ - scoring, 3)],
+          ["the onnx graph's batch-1 run alone, one thread (us)", alone["onnx"]],
+          ["the TorchScript archive's batch-1 run alone, one thread (us)", alone["torchscript"]]]))
+
+
+def batch64(args, net, tmp: str) -> dict:
+    names = ["plain_pytorch", "torchscript", "int8", "onnx", "torchscript_workers2"]
+    dirs = save_models(tmp, net, names[:-1])
+    env = child_env(MLFLOW_TRACKING_URI=sqlite_store(tmp))
+    forms = {"JSON": Request(json_body(64), images=64), "base64": Request(b64_body(64), images=64)}
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.rounds):
+        for name in names:
+            cmd, health, url = server(name, dirs, free_port(), tmp)
+            archive = dirs.get(f"{name.split('_')[0]}_archive", "")
+            with serving(cmd, health, env):
+                for form in ["JSON"] if name == "plain_pytorch" else forms:
+                    reference = in_process(archive, 64, args.seconds) if archive.endswith(".pt") else None
+                    got = {f"{n} clients": clients_load(url, [forms[form]], n, args.seconds, warmup=5)
+                           ["images_per_s"] for n in (1, 2)}
+                    if reference:
+                        reference = (reference + in_process(archive, 64, args.seconds)) / 2
+                        got.update({f"{k} / in process": v / reference for k, v in list(got.items())})
+                    rows.setdefault((name, form), []).append(got)
+    plain = rows[("plain_pytorch", "JSON")]
+    table = [[name, form, *(summary([r[k] for r in got]) if k in got[0] else "" for k in
+                            ("1 clients", "2 clients", "1 clients / in process",
+                             "2 clients / in process")),
+              summary([a["1 clients"] / b["1 clients"] for a, b in zip(got, plain)])]
+             for (name, form), got in rows.items()]
+    return report("served_batch64", {"rounds": args.rounds, "seconds": args.seconds,
+                                     "rounds_detail": {f"{n}, {f}": v for (n, f), v in rows.items()}},
+                  (["server", "request", "images/s, 1 client", "images/s, 2 clients",
+                    "1 client / in process", "2 clients / in process", "1 client / plain `mlflow.pytorch`"],
+                   table))
+
+
+def deployable_loaders(net, images_t, calibration, reference, no_onnx: bool, tmp: str) -> dict:
+    """name -> (a function that loads the variant afresh, a note on its build)."""
+    import torch
+
+    from lightcycle.lifecycle import export
+
+    def saved(module, save, load):  # what is served is the saved file: load it afresh
+        buffer = io.BytesIO()
+        save(module, buffer)
+        return lambda: load(io.BytesIO(buffer.getvalue()))
+
+    def jit(module):
+        return saved(module, torch.jit.save, lambda f: torch.jit.load(f, map_location="cpu").eval())
+
+    def pt2(program):
+        return saved(program, torch.export.save, lambda f: torch.export.load(f).module())
+
+    def chain(method):  # convert + the chain's passes that keep parity
+        converted = export.convert(net, method, images_t[:64] if method == "quantize" else example,
+                                   calibration)
+        if method == "export":
+            return pt2(export.check_program(converted, None, reference)[0])
+        return jit(export.optimize(converted, None, reference, method == "quantize")[0])
+
+    def optimized_live():
+        # AdaptiveAvgPool2d(3) on 7x7 maps is exactly AvgPool2d(3, 2), which oneDNN accepts;
+        # its constants cannot be saved, so this is what a server could get optimizing on load
+        fixed = copy.deepcopy(net)
+        fixed.head[0] = torch.nn.AvgPool2d(3, 2)
+        return lambda: torch.jit.optimize_for_inference(torch.jit.script(fixed))
+
+    def onnx():
+        import onnxruntime
+
+        path = os.path.join(tmp, "net.onnx")
+        export.save_archive(export.convert(net, "onnx", example), path)
+
+        def load():
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+            session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            return lambda x: torch.from_numpy(session.run(None, {export.ONNX_INPUT: x.numpy()})[0])
+        return load
+
+    example = images_t[:2]
+    makers = {"eager": lambda: lambda: net, "scripted": lambda: jit(torch.jit.script(net)),
+              "frozen": lambda: jit(torch.jit.freeze(torch.jit.script(net))),
+              "frozen_channels_last": lambda: chain("script"), "optimized_live": optimized_live,
+              "pt2": lambda: pt2(export.roundtrip_program(torch.export.export(net, (example,),
+                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=export.MAX_BATCH)},)))),
+              "pt2_channels_last": lambda: chain("export"), "int8": lambda: chain("quantize")}
+    if not no_onnx:
+        makers["onnx"] = onnx
+    loaders = {}
+    for name, make in makers.items():
+        try:
+            loaders[name] = make()
+        except Exception as exc:  # a variant that cannot be built is reported, not fatal
+            print(name, f"build fails: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+    return loaders
+
+
+def deployables(args, net, tmp: str) -> dict:
+    import torch
+
+    from lightcycle.lifecycle import export
+    from lightcycle.model import data
+    from lightcycle.model.evaluate import images_tensor, predict_logits
+
+    test = data.load_split(data.default_data_dir(), "test")
+    images_t = images_tensor(test)
+    calibration = images_tensor(data.load_split(data.default_data_dir(), "train"))
+    synthetic = export.synthetic_images(images_t)
+    reference = export.Reference(images_t, predict_logits(net, images_t), test.labels, synthetic,
+                                 predict_logits(net, synthetic))
+    loaders = deployable_loaders(net, images_t, calibration[:export.CALIBRATION_IMAGES], reference,
+                                 args.no_onnx, tmp)
+    results, timed = {}, {}
+    for name, load in loaders.items():
+        try:
+            with torch.inference_mode():
+                logits = predict_logits(load(), images_t, batch_size=64)
+                shifted = predict_logits(load(), synthetic, batch_size=64)
+        except Exception as exc:
+            results[name] = {"fails at run time": str(exc).strip().splitlines()[-1][:200]}
+            continue
+        results[name] = {"accuracy": round(float((logits.argmax(1).numpy() == test.labels).mean()), 4),
+                         "agreement, shifted copies": round(float(
+                             (shifted.argmax(1) == reference.synthetic_logits.argmax(1)).float().mean()), 4)}
+        for batch in (1, 64):  # a fresh module per batch size: TorchScript specializes on shapes
+            module, x = load(), images_t[:batch].clone()
+            with torch.inference_mode():
+                for _ in range(20):
+                    module(x)
+            timed[(name, batch)] = (module, x, [])
+    with torch.inference_mode():  # interleaved rounds: load from elsewhere hits all alike
+        for _ in range(args.rounds):
+            for (name, batch), (module, x, rates) in timed.items():
+                n, start = 0, time.perf_counter()
+                while time.perf_counter() - start < args.seconds:
+                    module(x)
+                    n += 1
+                rates.append(n * batch / (time.perf_counter() - start))
+    for (name, batch), (_, _, rates) in timed.items():
+        results[name][f"batch-{batch} images/s"] = round(statistics.median(rates))
+        if batch == 64 and ("frozen", 64) in timed:
+            results[name]["batch 64 vs frozen"] = round(statistics.median(
+                r / f for r, f in zip(rates, timed[("frozen", 64)][2])), 2)
+    columns = ["batch-1 images/s", "batch-64 images/s", "batch 64 vs frozen", "accuracy",
+               "agreement, shifted copies"]
+    return report("deployables", {"epochs": args.epochs, "rounds": args.rounds,
+                                  "seconds": args.seconds, "threads": torch.get_num_threads(),
+                                  "variants": results},
+                  (["variant", *columns], [[name, *(row.get(c, row.get("fails at run time", "")
+                                                              if c == "accuracy" else "")
+                                                    for c in columns)]
+                                           for name, row in results.items()]))
+
+
+# Each breaks the input contract differently; every one must be answered 4xx, never 5xx.
+BAD_BODIES = [json.dumps({"inputs": [[0.0] * 784]}), json.dumps({"inputs": [[[[300.0] * 28] * 28]]}),
+              json.dumps({"inputs": [[[["a"] * 28] * 28]]}), json.dumps({"inputs": []}),
+              json.dumps({"inputs": None}), json.dumps({"pixels": [[[[0.0] * 28] * 28]]}),
+              "this is {not json", '{"inputs": [[[' + ",".join(["[" + ",".join(["NaN"] * 28) + "]"] * 28) + "]]]}"]
+
+
+def standard_mix(model_uri: str) -> list[Request]:
+    """Batches of 1, 8 and 64 sample test images whose answers must be the classes the model
+    gives in this process, with a bad request after every third good one."""
+    import mlflow
+
+    from lightcycle.model import data
+
+    test = data.load_split(data.default_data_dir(), "test")
+    expected = mlflow.pyfunc.load_model(model_uri).predict(
+        test.images[:, None].astype(np.float32))["class_id"].to_numpy()
+
+    def answers(classes):
+        def check(status, body):
+            if status >= 500:
+                return f"server_errors: {status}"
+            if status != 200 or [r["class_id"] for r in json.loads(body)["predictions"]] != classes:
+                return f"wrong_answers: {status}"
+        return check
+
+    def refused(status, body):
+        return f"server_errors: {status}" if status >= 500 else (
+            None if status >= 400 else f"bad_not_4xx: {status}")
+
+    mix = []
+    for size in (1, 8, 64):
+        for start in range(0, len(test.images) - size + 1, max(size, 16)):
+            mix.append(Request(json.dumps({"inputs": test.images[start:start + size].tolist()}).encode(),
+                               "good", size, answers(expected[start:start + size].tolist())))
+            if len(mix) % 4 == 3:
+                mix.append(Request(BAD_BODIES[len(mix) // 4 % len(BAD_BODIES)].encode(), "bad", 0,
+                                   refused))
+    return mix
+
+
+def run_load(url: str, mix: list[Request], clients: int = 8, seconds: float = 30,
+             warmup_seconds: float = 5, rss=None) -> dict:
+    """Warm up, read the server's RSS, load it with `clients` for `seconds`, read RSS again."""
+    clients_load(url.rstrip("/") + "/invocations", mix, clients, warmup_seconds, warmup=0)
+    before = rss() if rss else None
+    result = clients_load(url.rstrip("/") + "/invocations", mix, clients, seconds, warmup=0)
+    return {**result, "rss_after_warmup_kib": before, "rss_end_kib": rss() if rss else None}
+
+
+def load(args) -> dict:
+    class Proc:  # server_usage reads a process group: the server's own, started in its session
+        pid = args.pid
+
+    got = run_load(args.url, standard_mix(args.model_uri), args.clients, args.seconds,
+                   rss=(lambda: server_usage(Proc)[1]) if args.pid else None)
+    return report("load_serve", got, (
+        ["clients", "requests/s", "images/s", "p50 (ms)", "p99 (ms)", "good", "bad", "problems",
+         "RSS after warm-up / at the end (KiB)"],
+        [[got["clients"], got["requests_per_s"], got["images_per_s"], got["p50_ms"], got["p99_ms"],
+          got["kinds"]["good"], got["kinds"]["bad"], dict(got["problems"]) or "none",
+          [got["rss_after_warmup_kib"], got["rss_end_kib"]]]]))
+
+
+VARIANTS = {"floor": floor, "batch64": batch64, "deployables": deployables}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = rounds_parser(__doc__, rounds=3, seconds=3.0)
+    parser.add_argument("--variant", choices=[*VARIANTS, "load"], required=True)
+    parser.add_argument("--train-epochs", type=int, default=3, help="the cnn's (0: untrained)")
+    parser.add_argument("--epochs", type=int, help="deployables: train epochs (default 8)")
+    parser.add_argument("--latency-requests", type=int, default=400)
+    parser.add_argument("--clients", type=int, default=None, help="floor: 32; load: 8")
+    parser.add_argument("--no-onnx", action="store_true", help="deployables: leave onnx out")
+    parser.add_argument("--url", help="load: the running server")
+    parser.add_argument("--model-uri", default="models:/lightcycle-fashion-scripted@champion")
+    parser.add_argument("--pid", type=int, help="load: the server's pid (a session leader), for RSS")
+    parser.set_defaults(seconds=None)  # 3 a figure; load: 30 in all
+    args = parser.parse_args(argv)
+    if args.variant == "load":
+        args.clients, args.seconds = args.clients or 8, args.seconds or 30
+        return load(args)
+    args.clients, args.seconds = args.clients or 32, args.seconds or 3.0
+    if args.variant == "deployables":
+        args.epochs = 8 if args.epochs is None else args.epochs
+        net = trained_cnn(args.epochs, seed=42)
     else:
         net = trained_cnn(args.train_epochs)
-    env = child_env()
-    bodies = {"json": (json_body(1), json_body(64)), "b64": (b64_body(1), b64_body(64))}
-    rows: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-served-") as tmp:
-        dirs = save_models(tmp, net, args.reference_rev)
-        env["MLFLOW_TRACKING_URI"] = sqlite_store(tmp)
-
-        def servers(port):
-            return {
-                "reference": (models_serve(port, dirs["reference"]), ["json"]),
-                "new": (models_serve(port, dirs["new"]), ["json", "b64"]),
-                "new_lightcycle_serve": ([sys.executable, "steps/serve.py", "--model_uri",
-                                          dirs["new"], "--port", str(port)], ["json", "b64"]),
-                "new_lightcycle_serve_1_thread": (
-                    [sys.executable, "steps/serve.py", "--model_uri", dirs["new"], "--port",
-                     str(port)], ["json", "b64"]),
-                "chain_torchscript": (models_serve(port, dirs["chain_torchscript"]),
-                                      ["json", "b64"]),
-                "int8": (models_serve(port, dirs["int8"]), ["json", "b64"]),
-                "plain_pytorch": (models_serve(port, dirs["plain_pytorch"]), ["json"]),
-                "no_model": (models_serve(port, dirs["no_model"]), ["json"]),
-            }
-
-        for r in range(args.rounds):
-            for batch in (64, 1):
-                for prefix, archive in (("", "archive"),
-                                        ("chain_torchscript_", "chain_torchscript_archive"),
-                                        ("int8_", "int8_archive")):
-                    rows.setdefault(f"{prefix}in_process_batch{batch}", []).append(
-                        {"images_per_s": in_process(dirs[archive], batch, args.seconds)})
-            for name in servers(0):
-                port = free_port()  # a fresh port: a server being stopped may still answer
-                cmd, forms = servers(port)[name]
-                threads = {"LIGHTCYCLE_TORCH_THREADS": "1"} if name.endswith("_1_thread") else {}
-                proc, cold = start(cmd, port, {**env, **threads})
-                try:
-                    rows.setdefault(f"{name}_cold_start", []).append({"seconds_s": cold})
-                    for form in forms:
-                        one, many = bodies[form]
-                        rows.setdefault(f"{name}_{form}", []).append(
-                            measure(f"http://127.0.0.1:{port}/invocations", one, many,
-                                    args.latency_requests, args.seconds))
-                finally:
-                    stop(proc)
-            print(f"round {r + 1}/{args.rounds}:",
-                  json.dumps({k: v[-1] for k, v in rows.items()}), file=sys.stderr, flush=True)
-
-    figures = {k: median_of(v) for k, v in rows.items()}
-    in_proc = figures["in_process_batch64"]["images_per_s"]
-    plain = figures["plain_pytorch_json"]["batch64_images_per_s"]
-    ratios = {}
-    for key, row in figures.items():
-        if "batch64_images_per_s" in row:
-            ratios[f"{key}_vs_in_process_batch64"] = round(row["batch64_images_per_s"] / in_proc, 3)
-            ratios[f"{key}_vs_plain_pytorch_batch64"] = round(row["batch64_images_per_s"] / plain, 2)
-    for name in ("chain_torchscript", "int8"):
-        own = figures[f"{name}_in_process_batch64"]["images_per_s"]
-        for form in ("json", "b64"):
-            served = figures[f"{name}_{form}"]["batch64_images_per_s"]
-            ratios[f"{name}_{form}_vs_own_in_process_batch64"] = round(served / own, 3)
-    save("served", {"rounds": args.rounds, "seconds": args.seconds,
-                    "reference_rev": args.reference_rev,
-                    "net": args.eager_uri or (f"cnn, {args.train_epochs} epochs of the plain loop"
-                                              if args.train_epochs else "untrained cnn, seed 0"),
-                    "conversions": {k: dirs[f"{k}_stage"] for k in ("chain_torchscript", "int8")},
-                    "load_average_at_end": os.getloadavg(),
-                    "medians": figures, "ratios": ratios, "goals": GOALS})
-
-
-def table(figures: dict) -> str:
-    medians, ratios = figures["medians"], figures["ratios"]
-    rows = [[f"in process, the {prefix.rstrip('_') or 'frozen'} archive", "", "", "", "",
-             medians[f"{prefix}in_process_batch64"]["images_per_s"], ""]
-            for prefix in ("", "chain_torchscript_", "int8_")]
-    for key, row in medians.items():
-        server, _, form = key.rpartition("_")
-        if form in ("json", "b64"):
-            rows.append([server, form, medians[f"{server}_cold_start"]["seconds_s"],
-                         row["batch1_p50_ms"], row["batch1_p99_ms"], row["batch64_images_per_s"],
-                         ratios[f"{key}_vs_in_process_batch64"]])
-    return markdown_table(["server", "request", "cold start (s)", "batch-1 p50 (ms)",
-                           "batch-1 p99 (ms)", "batch-64 images/s", "vs in process (frozen)"],
-                          rows)
+    with tempfile.TemporaryDirectory(prefix=f"bench-served-{args.variant}-") as tmp:
+        return VARIANTS[args.variant](args, net, tmp)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.common import markdown_table, save
+from bench.common import report
 from lightcycle.lifecycle import export
 from lightcycle.model import data
 from lightcycle.model.nets import build_net
@@ -41,10 +41,10 @@ def synthetic(n: int) -> pd.DataFrame:
     return pd.DataFrame(pixels, columns=[f"px{i}" for i in range(784)])
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,60000")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     import mlflow.pyfunc
 
@@ -84,17 +84,12 @@ def main():
             print(n, figures[f"images_{n}"], flush=True)
         spark.stop()
     figures["load_average_at_end"] = os.getloadavg()
-    save("spark", figures)
-
-
-def table(figures: dict) -> str:
-    rows = [[int(key.removeprefix("images_")), row["local_s"], row["local_images_per_s"],
-             row["spark_local2_s"], row["spark_local2_images_per_s"], row["spark_vs_local"]]
+    rows = [[int(key.removeprefix("images_")), f"{row['local_s']} s, {row['local_images_per_s']} images/s",
+             f"{row['spark_local2_s']} s, {row['spark_local2_images_per_s']} images/s", row["spark_vs_local"]]
             for key, row in figures.items() if key.startswith("images_")]
-    rows.append(["Spark session start alone", "", "", figures["spark_session_s"], "", ""])
-    return markdown_table(["images", "local `predict` (s)", "local images/s",
-                           "Spark local[2] (s)", "Spark images/s", "local time / Spark time"],
-                          rows)
+    return report("spark", figures, (["images", "local `predict`", "Spark `local[2]`",
+                                      "local time / Spark time"],
+                                     [*rows, ["Spark session start alone", "", f"{figures['spark_session_s']} s", ""]]))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
-from bench.common import ROOT, child_env, markdown_table, save, sqlite_store
+from bench.common import child_env, report, sqlite_store, timed_run
 
 ENGINES = {
     "ddp_devices2": ["--devices", "2", "--strategy", "ddp"],
@@ -33,22 +32,16 @@ def _noop():
 
 
 def train(args: list[str], env: dict[str, str]) -> tuple[float, str]:
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "steps/train.py", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-3000:])
-    run_id = next(line.split("run_id=")[1].split()[0] for line in out.stdout.splitlines()
-                  if line.startswith("run_id="))
-    return wall, run_id
+    wall, out = timed_run([sys.executable, "steps/train.py", *args], env)
+    return wall, next(line.split("run_id=")[1].split()[0] for line in out.splitlines()
+                      if line.startswith("run_id="))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import mlflow
 
     figures: dict = {"load_average_at_start": os.getloadavg(), "epochs": args.epochs,
@@ -77,22 +70,17 @@ def main():
         TorchDistributor(num_processes=2, local_mode=False, use_gpu=False).run(_noop)
         figures["noop_distributor_s"] = round(time.perf_counter() - start, 1)
         spark.stop()
-    for key in ("wall_s", "fit_s"):
-        ddp = sum(r[key] for r in figures["ddp_devices2"])
-        figures[f"spark_vs_ddp_{key}"] = round(sum(r[key] for r in figures["spark_local2"]) / ddp, 2)
+    ratios = {key: round(sum(r[key] for r in figures["spark_local2"])
+                         / sum(r[key] for r in figures["ddp_devices2"]), 2) for key in ("wall_s", "fit_s")}
     figures["load_average_at_end"] = os.getloadavg()
-    save("spark_train", figures)
-
-
-def table(figures: dict) -> str:
     rows = [[label, [r["wall_s"] for r in figures[name]], [r["fit_s"] for r in figures[name]]]
             for name, label in (("ddp_devices2", "Lightning DDP, `devices=2 strategy=ddp`"),
                                 ("spark_local2", "Spark, `engine=spark num_processes=2`"))]
-    rows += [["Spark / DDP", figures["spark_vs_ddp_wall_s"], figures["spark_vs_ddp_fit_s"]],
-             ["a `local[2]` SparkSession", figures["session_s"], ""],
-             ["TorchDistributor running a no-op", figures["noop_distributor_s"], ""]]
-    return markdown_table([f"launch, epochs={figures['epochs']} (one figure a round)", "wall (s)",
-                           "fit (s)"], rows)
+    return report("spark_train", {**figures, "spark_vs_ddp": ratios}, (
+        [f"launch, epochs={args.epochs} (one figure a round)", "wall (s)", "fit (s)"],
+        [*rows, ["Spark / DDP", ratios["wall_s"], ratios["fit_s"]],
+         ["a `local[2]` SparkSession", figures["session_s"], ""],
+         ["TorchDistributor running a no-op", figures["noop_distributor_s"], ""]]))
 
 
 if __name__ == "__main__":

@@ -13,52 +13,38 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.common import (ROOT, child_env, free_port, markdown_table, save, stop_process,
-                          wait_for_http)
+from bench.common import ROOT, child_env, free_port, report, serving, timed_run
 from lightcycle.operations.tracking_server import mlflow_server_command
 
 
-def main(epochs: int = 40, model: str = "cnn") -> None:
-    with tempfile.TemporaryDirectory(prefix="bench-retention-") as tmp:
-        port = free_port()
-        server = subprocess.Popen(
-            mlflow_server_command(f"sqlite:///{tmp}/mlflow.db", Path(tmp, "artifacts"),
-                                  "127.0.0.1", port),
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_for_http(url + "/health", server, timeout=120)
-            out = subprocess.run(
-                ["mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
-                 "-P", f"epochs={epochs}", "-P", f"model={model}"],
-                capture_output=True, text=True, check=True, cwd=ROOT,
-                env=child_env(MLFLOW_TRACKING_URI=url)).stdout
-        finally:
-            stop_process(server)
-        dirs = list(Path(tmp, "artifacts").rglob("checkpoints/epoch_*"))
-        kept = sum(f.stat().st_size for d in dirs for f in d.iterdir())
-        line = next(l for l in out.splitlines() if l.startswith("checkpoints: "))
-        removed_mb = float(re.search(r"\(([\d.]+) MB\)", line).group(1))
-        save(f"checkpoint_retention_{model}_{epochs}", {
-            "command": f"python -m bench.training.checkpoint_retention {epochs} {model}",
-            "epochs": epochs, "kept_checkpoints": len(dirs), "kept_mb": round(kept / 1e6, 2),
-            "before_mb": round(kept / 1e6 + removed_mb, 2), "log_line": line})
-
-
-def table(figures: dict) -> str:
-    return markdown_table(
-        [f"checkpoints of one {figures['epochs']}-epoch run", "count", "MB"],
-        [["logged by autolog (one per epoch)", figures["epochs"], figures["before_mb"]],
-         ["left once the run finished", figures["kept_checkpoints"], figures["kept_mb"]]])
-
-
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("epochs", type=int, nargs="?", default=40, help="default: 40")
     parser.add_argument("model", nargs="?", default="cnn", help="default: cnn")
-    main(**vars(parser.parse_args()))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-retention-") as tmp:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with serving(mlflow_server_command(f"sqlite:///{tmp}/mlflow.db", Path(tmp, "artifacts"),
+                                           "127.0.0.1", port), url + "/health",
+                     {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, timeout=120):
+            _, out = timed_run(["mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
+                                "-P", f"epochs={args.epochs}", "-P", f"model={args.model}"],
+                               child_env(MLFLOW_TRACKING_URI=url))
+        dirs = list(Path(tmp, "artifacts").rglob("checkpoints/epoch_*"))
+        kept = sum(f.stat().st_size for d in dirs for f in d.iterdir())
+    line = next(l for l in out.splitlines() if l.startswith("checkpoints: "))
+    removed_mb = float(re.search(r"\(([\d.]+) MB\)", line).group(1))
+    figures = {"epochs": args.epochs, "kept_checkpoints": len(dirs), "kept_mb": round(kept / 1e6, 2),
+               "before_mb": round(kept / 1e6 + removed_mb, 2), "log_line": line}
+    return report(f"checkpoint_retention_{args.model}_{args.epochs}", figures, (
+        [f"checkpoints of one {args.epochs}-epoch `{args.model}` run", "count", "MB"],
+        [["logged by autolog (one per epoch)", args.epochs, figures["before_mb"]],
+         ["left once the run finished", len(dirs), figures["kept_mb"]]]))
+
+
+if __name__ == "__main__":
+    main()

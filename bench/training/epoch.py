@@ -18,7 +18,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from bench.common import markdown_table, plain_cnn_epochs, save
+from bench.common import plain_cnn_epochs, report
 from lightcycle.model import data
 from lightcycle.model.classifier import FashionClassifier
 from lightcycle.model.datamodule import FashionMNISTDataModule
@@ -60,11 +60,11 @@ def plain_epochs(epochs: int) -> list[float]:
     return times
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     # Alternate the two, round after round, so that neither pays alone for the process warming
     # up or for a neighbour's burst on this shared VM; the first epoch of each fit is warm-up.
     # The fastest epoch of each side is its cost with the least interference (the work is
@@ -76,23 +76,13 @@ def main():
         plain += p
         lit += l
         ratios.append(statistics.median(l) / statistics.median(p))
-    save("epoch", {"rounds": args.rounds, "epochs": args.epochs,
-                   "plain_epoch_s_min": round(min(plain), 3),
-                   "lightning_epoch_s_min": round(min(lit), 3),
-                   "ratio_of_fastest": round(min(lit) / min(plain), 3),
-                   "plain_epoch_s_median": round(statistics.median(plain), 3),
-                   "lightning_epoch_s_median": round(statistics.median(lit), 3),
-                   "ratio_median_of_rounds": round(statistics.median(ratios), 3),
-                   "ratios_by_round": [round(r, 3) for r in ratios], "goal_ratio": 1.05})
-
-
-def table(figures: dict) -> str:
-    return markdown_table(
-        ["epoch (s)", "fastest", "median"],
-        [["plain PyTorch loop", figures["plain_epoch_s_min"], figures["plain_epoch_s_median"]],
-         ["Lightning", figures["lightning_epoch_s_min"], figures["lightning_epoch_s_median"]],
-         [f"Lightning / plain (goal <= {figures['goal_ratio']}; median: of the rounds' ratios)",
-          figures["ratio_of_fastest"], figures["ratio_median_of_rounds"]]])
+    figures = {"rounds": args.rounds, "epochs": args.epochs, "plain_epochs_s": plain,
+               "lightning_epochs_s": lit, "ratios_by_round": ratios, "goal_ratio": 1.05}
+    return report("epoch", figures, (["epoch (s)", "fastest", "median"], [
+        ["plain PyTorch loop", min(plain), statistics.median(plain)],
+        ["Lightning (`FashionClassifier`, torchmetrics)", min(lit), statistics.median(lit)],
+        [f"Lightning / plain (goal <= {figures['goal_ratio']}; median: of the rounds' ratios)",
+         min(lit) / min(plain), statistics.median(ratios)]]))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 
-from bench.common import images_per_second, markdown_table, rounds_parser, save, trained_cnn
+from bench.common import images_per_second, report, rounds_parser, trained_cnn
 from lightcycle.lifecycle import export
 from lightcycle.model import data
 from lightcycle.model.nets import CNN, NUM_CLASSES, Normalize, _conv_block
@@ -54,28 +54,7 @@ class CandidateCNN(nn.Module):
 CANDIDATES = {
     "cnn": CNN,  # the default: 16 channels @28x28 (one conv), then 64, 64 @14x14
     "cnn_before": lambda: CandidateCNN(32, 64),  # the default until 2026-11-26: 32, 32 @28x28
-    "stem16": lambda: CandidateCNN(16, 64),  # two 16-channel convs @28x28
-    "one28": lambda: CandidateCNN(32, 64, stage1_convs=1),  # one 32-channel conv @28x28
-    "narrow": lambda: CandidateCNN(24, 48),
 }
-
-
-def multiply_adds(net: nn.Module) -> int:
-    total = 0
-
-    def hook(module, inputs, output):
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            total += output[0].numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1] // module.groups
-        elif isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features
-
-    handles = [m.register_forward_hook(hook) for m in net.modules()]
-    with torch.no_grad():
-        net.eval()(torch.zeros(1, 1, 28, 28))
-    for h in handles:
-        h.remove()
-    return total
 
 
 def train(name: str, epochs: int, seed: int) -> nn.Module:
@@ -83,12 +62,12 @@ def train(name: str, epochs: int, seed: int) -> nn.Module:
     return trained_cnn(epochs, seed, net=CANDIDATES[name]())
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict:
     parser = rounds_parser(__doc__, rounds=2, seconds=2.0)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     data_dir = str(data.default_data_dir())
     x = torch.from_numpy(data.load_split(data_dir, "test").images[:64]).unsqueeze(1).float()
 
@@ -112,7 +91,6 @@ def main():
             if seed == args.seeds[0]:
                 deployables[name] = {"int8": int8.module, "torchscript": fp32.module}
         results[name] = {
-            "multiply_adds": multiply_adds(CANDIDATES[name]()),
             "eager_accuracy_mean": round(statistics.mean(r["eager_accuracy"] for r in rows), 4),
             "eager_accuracy_by_seed": [r["eager_accuracy"] for r in rows],
             "int8_parity_ok_seeds": sum(r["int8_parity_ok"] for r in rows),
@@ -129,18 +107,14 @@ def main():
     for (name, kind), values in speeds.items():
         results[name][f"{kind}_batch64_images_per_s"] = round(statistics.median(values))
         print(name, kind, round(statistics.median(values)), flush=True)
-    save("net_choice", {"epochs": args.epochs, "seeds": args.seeds, "seconds": args.seconds,
-                        "rounds": args.rounds, "candidates": results})
-
-
-def table(figures: dict) -> str:
-    rows = [[name, row["multiply_adds"], row["eager_accuracy_mean"], row["int8_parity_ok_seeds"],
-             row.get("int8_batch64_images_per_s"), row.get("torchscript_batch64_images_per_s")]
-            for name, row in figures["candidates"].items()]
-    return markdown_table(
-        ["net", "multiply-adds", f"accuracy, mean of {len(figures['seeds'])} seeds",
-         "seeds with int8 parity", "int8 batch-64 images/s", "TorchScript batch-64 images/s"],
-        rows)
+    return report("net_choice", {"epochs": args.epochs, "seeds": args.seeds, "candidates": results}, (
+        ["", "accuracy, seeds " + " / ".join(map(str, args.seeds)), "mean", "int8 gate passed",
+         f"train, {args.epochs} epochs (s)", "TorchScript / int8 images/s"],
+        [[name, " / ".join(f"{a:.3f}" for a in row["eager_accuracy_by_seed"]),
+          row["eager_accuracy_mean"], f"{row['int8_parity_ok_seeds']} of {len(args.seeds)}",
+          f"{min(r['train_s'] for r in row['seeds'])}-{max(r['train_s'] for r in row['seeds'])}",
+          f"{row.get('torchscript_batch64_images_per_s'):,} / {row.get('int8_batch64_images_per_s'):,}"]
+         for name, row in results.items()]))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.common import ROOT, child_env, markdown_table, save, sqlite_store
+from bench.common import ROOT, child_env, report, sqlite_store
 
 EPOCH_LINE = re.compile(r"^epoch \d+/\d+ .*\(([\d.]+)s\)$", re.M)
 
@@ -44,35 +44,22 @@ def epoch_seconds(processes: int, epochs: int, threads: int | None) -> list[floa
     return [float(s) for out in outputs for s in EPOCH_LINE.findall(out)[1:]]
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     share = max(1, cores // args.processes)
     figures = {"cores": cores, "processes": args.processes, "epochs": args.epochs}
     for label, processes, threads in (
-            ("alone_default_threads", 1, None),
-            ("side_by_side_default_threads", args.processes, None),
-            (f"side_by_side_omp_{share}", args.processes, share)):
-        seconds = epoch_seconds(processes, args.epochs, threads)
-        figures[label] = {"median_epoch_s": round(statistics.median(seconds), 2),
-                          "epochs_s": seconds}
+            ("one process alone, torch's default threads", 1, None),
+            (f"{args.processes} at once, torch's default threads", args.processes, None),
+            (f"{args.processes} at once, `OMP_NUM_THREADS={share}` each", args.processes, share)):
+        figures[label] = epoch_seconds(processes, args.epochs, threads)
         print(label, figures[label], flush=True)
-    default = figures["side_by_side_default_threads"]["median_epoch_s"]
-    shared = figures[f"side_by_side_omp_{share}"]["median_epoch_s"]
-    figures["default_over_shared"] = round(default / shared, 2)
-    save("threads", figures)
-
-
-def table(figures: dict) -> str:
-    rows = [[label.replace("_", " "), row["median_epoch_s"]] for label, row in figures.items()
-            if isinstance(row, dict)]
-    rows.append(["side by side, default threads / a share of the cores",
-                 figures["default_over_shared"]])
-    return markdown_table([f"run ({figures['cores']} cores, {figures['processes']} side by side)",
-                           "median epoch (s)"], rows)
+    return report("threads", figures, (["", "epoch (median, first epoch left out)"], [
+        [label, statistics.median(seconds)] for label, seconds in list(figures.items())[3:]]))
 
 
 if __name__ == "__main__":
