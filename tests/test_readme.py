@@ -109,15 +109,17 @@ def test_make_demo_then_the_quick_start_as_typed_on_the_default_store(clone):
             if "<train run id>" in typed:
                 typed = typed.replace("<train run id>", train_run_id)
             if " -e serve " in typed:
-                server = subprocess.Popen(shlex.split(typed), cwd=copy, env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                          start_new_session=True)
+                served = (copy.parent / "serve.log").open("w")
+                server = subprocess.Popen(shlex.split(typed), cwd=copy, env=env, stdout=served,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
                 wait_for_http(f"http://127.0.0.1:{port}/ping", server, timeout=180)
                 continue
             result = check(subprocess.run(shlex.split(typed), cwd=copy, env=env,
                                           capture_output=True, text=True, timeout=900))
             key = re.search(r"-e (\w+)", typed)[1] if " -e " in typed else \
                 ("main" if typed.startswith("mlflow run") else "client")
+            if key == "main" and "deployable=onnx" in typed:
+                key = "main-onnx"
             out[key] = result.stdout
             if key == "train":
                 train_run_id = re.search(r"run_id=(\w+)", result.stdout)[1]
@@ -130,6 +132,11 @@ def test_make_demo_then_the_quick_start_as_typed_on_the_default_store(clone):
     # already holding champion.
     assert out["main"].count("reusing finished run") == 3, out["main"][-3000:]
     assert "NOT promoted: version 1 already holds champion" in out["main"], out["main"][-3000:]
+    # main -P deployable=onnx: the same trained model, reused, as an onnx champion.
+    assert out["main-onnx"].count("reusing finished run") == 2, out["main-onnx"][-3000:]
+    onnx = client.get_model_version_by_alias(NAME + "-onnx", "champion")
+    assert onnx.tags["lightcycle.source_version"] == f"models:/{NAME}/1"
+    assert onnx.tags["lightcycle.gate.decision"] == "promoted"
     # register, torchscript: version 2 of each, the deployable with `challenger`.
     assert f"registered: models:/{NAME}/2 (run {train_run_id})" in out["register"]
     assert f"registered models:/{DEPLOYABLE}/2 from models:/{NAME}/2 with alias challenger" \
@@ -154,7 +161,9 @@ def test_make_demo_then_the_quick_start_as_typed_on_the_default_store(clone):
     # predict: one prediction per test image, logged to its run.
     images = len(data.load_split(SAMPLE_DIR, "test").labels)
     assert f"wrote {images} predictions to run " in out["predict"], out["predict"]
-    # the client, against the served champion: one line per image with a class name.
+    # the client, against the served onnx champion: one line per image with a class name.
+    assert f"serving models:/{NAME}-onnx@champion -> models:/{NAME}-onnx/{onnx.version} " \
+        in (copy.parent / "serve.log").read_text()
     rows = [line for line in out["client"].splitlines() if "\t" in line]
     assert len(rows) == images and all(row.split("\t")[1] in data.CLASS_NAMES for row in rows)
     # tune: two trials under one parent; the study next to the store.
