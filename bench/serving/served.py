@@ -17,10 +17,12 @@ floor: side by side in each round, every server started afresh (the order revers
 round): MLflow's floor (a no-op pyfunc answering zeros, no signature), the torchscript and onnx
 deployables under `mlflow models serve` (1 worker), and the torchscript archive under LitServe
 (bench/requirements.txt) as the peer. Per server: cold start (process start to the first 200 on
-/ping, LitServe's /health), batch-1 JSON p50 over `--latency-requests` sequential requests on one
-keep-alive connection and the server's CPU per request, `--clients` concurrent batch-1 clients
-(requests/s, errors, CPU per request), base64 batch-64 images/s from one client. Ratios are per
-round; medians with their ranges against GOALS. Where the time goes, in the same run: the
+/ping, LitServe's /health); then, all servers up, batch-1 JSON p50 over `--latency-requests`
+sequential requests each, the servers taking turns request by request (one keep-alive connection
+a server), so that every p50 comes from the same stretch of time, and each server's CPU over that
+stretch per request; then one server after the other, `--clients` concurrent batch-1 clients
+(requests/s, errors, CPU per request) and base64 batch-64 images/s from one client. Ratios are
+per round; medians with their ranges against GOALS. Where the time goes, in the same run: the
 `mlflow` CLI's own start, importing onnxruntime or torch after MLflow's scoring server, each
 graph's batch-1 run alone in process (one thread, as the deployables run small batches).
 batch64: batch-64 images/s by deployable, request form (JSON numbers or base64 uint8) and
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import http.client
 import io
 import json
 import os
@@ -45,14 +48,16 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from bench.common import (VENV_BIN, Request, child_env, clients_load, free_port, report,
-                          rounds_parser, server_usage, serving, sqlite_store, summary,
-                          trained_cnn)
+from bench.common import (VENV_BIN, Request, child_env, clients_load, free_port, percentile,
+                          post, report, rounds_parser, server_usage, serving, sqlite_store,
+                          summary, trained_cnn)
 
 warnings.simplefilter("ignore")
 P50, B64 = "batch-1 p50 (ms)", "base64 batch 64, images/s"  # the floor's figures, by label
@@ -225,6 +230,41 @@ def batch1_alone_us(dirs: dict, n: int = 2000) -> dict[str, float]:
     return out
 
 
+def interleaved_batch1(started: dict, body: bytes, count: int, warmup: int = 20) -> dict:
+    """name -> batch-1 p50 (ms), errors and server CPU per request (ms) of every server in
+    `started` (name -> (process, URL)), all up at once: `count` sequential requests each on one
+    keep-alive connection a server, the servers taking turns request by request (each turn led
+    by the next server), so that drift in the machine's speed hits every server alike."""
+    names, latencies, errors = list(started), {name: [] for name in started}, Counter()
+    connections = {name: (urlsplit(url), http.client.HTTPConnection(
+        urlsplit(url).hostname, urlsplit(url).port, timeout=60)) for name, (_, url) in started.items()}
+
+    def send(name: str) -> bool:
+        parts, connection = connections[name]
+        try:
+            return post(connection, parts.path, body)[0] == 200
+        except (OSError, http.client.HTTPException):
+            connection.close()  # opened again by the next request
+            return False
+
+    for _ in range(warmup):
+        for name in names:
+            send(name)
+    cpu = {name: server_usage(proc)[0] for name, (proc, _) in started.items()}
+    for i in range(count):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            errors[name] += not send(name)
+            latencies[name].append(time.perf_counter() - start)
+    for _, connection in connections.values():
+        connection.close()
+    return {name: {P50: round(percentile(latencies[name], 0.5) * 1000, 3),
+                   f"{P50}: errors": errors[name],
+                   "server CPU per batch-1 request (ms)":
+                       (server_usage(proc)[0] - cpu[name]) / count * 1000}
+            for name, (proc, _) in started.items()}
+
+
 def floor(args, net, tmp: str) -> dict:
     names = ["noop", "torchscript", "onnx", "litserve"]
     dirs = save_models(tmp, net, ["noop", "torchscript", "onnx"])
@@ -242,7 +282,7 @@ def floor(args, net, tmp: str) -> dict:
                 rounds[name].append({"cold start (s)": cold})
 
             def measure(label: str, figure: str, cpu_label: str | None = None, **load) -> None:
-                """One figure of clients_load's for every server, the servers one after the other."""
+                """One figure of clients_load's for every server, one server after the other."""
                 for name, (proc, url) in started.items():
                     cpu = server_usage(proc)[0]
                     got = clients_load(url, **load)
@@ -251,8 +291,9 @@ def floor(args, net, tmp: str) -> dict:
                     if cpu_label:
                         row[cpu_label] = (server_usage(proc)[0] - cpu) / max(got["requests"], 1) * 1000
 
-            measure(P50, "p50_ms", "server CPU per batch-1 request (ms)", mix=[one_json],
-                    count=args.latency_requests)
+            for name, got in interleaved_batch1(started, one_json.body,
+                                                args.latency_requests).items():
+                rounds[name][-1].update(got)
             measure(rate, "requests_per_s", f"{args.clients} clients, server CPU per request (ms)",
                     mix=[one_json], clients=args.clients, seconds=args.seconds)
             measure(B64, "images_per_s", mix=[many_b64], seconds=args.seconds)
