@@ -11,7 +11,6 @@ Writes bench/results/suite_<tier>.json and the suite's output beside it (suite_<
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import resource
@@ -21,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import RESULTS, ROOT, report
+from bench.common import RESULTS, ROOT, command_line, report
 
 TIERS = {"fast": '-m "not slow"', "full": ""}
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/cpuacct"), Path("/sys/fs/cgroup/unified"),
@@ -87,7 +86,7 @@ def measure(tier: str, extra: str = "") -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--tier", choices=sorted(TIERS), default="fast")
     parser.add_argument("--pytest-args", default="", help="more pytest arguments, e.g. --durations=40")
     args = parser.parse_args(argv)

@@ -9,7 +9,6 @@ artifacts on that store; postgresql on a throw-away cluster). Results: bench/res
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -18,7 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import child_env, free_port, report, serving, sqlite_store, timed_run
+from bench.common import (child_env, command_line, free_port, report, serving, sqlite_store,
+                          timed_run)
 from lightcycle.operations.postgres import PostgresCluster
 from lightcycle.operations.tracking_server import mlflow_server_command
 
@@ -64,7 +64,7 @@ def tracking(backend: str, tmp: Path):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--backend", choices=["sqlite", "sqlite-server", "postgresql"],
                         default="sqlite")
     args = parser.parse_args(argv)

@@ -10,7 +10,6 @@ settings so load from other processes hits both alike. Prints JSON (medians).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -18,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import free_port, report, serving
+from bench.common import command_line, free_port, report, serving
 from lightcycle.operations.tracking_server import mlflow_server_command
 
 
@@ -37,7 +36,7 @@ def start_once(jobs: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     rows: dict[bool, list[dict]] = {True: [], False: []}

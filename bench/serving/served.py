@@ -4,7 +4,7 @@
         [--latency-requests 400] [--clients 32] [--train-epochs 0]
     PATH=.venv/bin:$PATH python -m bench.serving.served --variant batch64 [--rounds 3] [--seconds 3]
     PATH=.venv/bin:$PATH python -m bench.serving.served --variant deployables [--epochs 8]
-        [--rounds 5] [--seconds 1] [--no-onnx]
+        [--rounds 3] [--seconds 3] [--no-onnx]
     PATH=.venv/bin:$PATH python -m bench.serving.served --variant load --url http://127.0.0.1:5001
         [--clients 8] [--seconds 30] [--model-uri models:/lightcycle-fashion-scripted@champion]
         [--pid <server pid>]
@@ -41,9 +41,9 @@ import copy
 import http.client
 import io
 import json
+import operator
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,9 +55,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from bench.common import (VENV_BIN, Request, child_env, clients_load, free_port, percentile,
-                          post, report, rounds_parser, server_usage, serving, sqlite_store,
-                          summary, trained_cnn)
+from bench.common import (VENV_BIN, Request, child_env, clients_load, command_line, free_port,
+                          images_per_second, percentile, post, report, server_usage, serving,
+                          sqlite_store, summary, timed_run, trained_cnn)
 
 warnings.simplefilter("ignore")
 P50, B64 = "batch-1 p50 (ms)", "base64 batch 64, images/s"  # the floor's figures, by label
@@ -136,16 +136,9 @@ def b64_body(n: int) -> bytes:
 def in_process(archive: str, batch: int, seconds: float) -> float:
     import torch
 
-    from bench.common import images_per_second
-
     module = torch.jit.load(archive, map_location="cpu").eval()
     return images_per_second(module, torch.from_numpy(images(batch)[:, None].astype(np.float32)),
                              seconds)
-
-
-def models_serve(model_dir: str, port: int, *options: str) -> list[str]:
-    return [os.path.join(VENV_BIN, "mlflow"), "models", "serve", "--env-manager", "local",
-            "-h", "127.0.0.1", "-p", str(port), *options, "-m", model_dir]
 
 
 def save_models(tmp: str, net, names) -> dict[str, str]:
@@ -187,41 +180,40 @@ def server(name: str, dirs: dict, port: int, tmp: str) -> tuple[list[str], str, 
     if name.endswith("_workers2"):  # the serve step: one torch thread per worker
         return ([sys.executable, "steps/serve.py", "--model_uri", dirs[name.split("_")[0]],
                  "--port", str(port), "--workers", "2"], url + "/ping", url + "/invocations")
-    return models_serve(dirs[name], port), url + "/ping", url + "/invocations"
+    return ([os.path.join(VENV_BIN, "mlflow"), "models", "serve", "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port), "-m", dirs[name]], url + "/ping", url + "/invocations")
 
 
 def seconds_to_run(code: list[str], rounds: int = 3) -> dict[str, float]:
-    """Median seconds of each command in a fresh process, the commands alternating."""
-    times: dict[str, list[float]] = {c: [] for c in code}
-    for _ in range(rounds):
-        for command in code:
-            start = time.perf_counter()
-            subprocess.run(command, shell=True, env=child_env(), check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            times[command].append(time.perf_counter() - start)
-    return {c: round(statistics.median(t), 3) for c, t in times.items()}
+    """Median seconds of each shell command in a fresh process, the commands alternating."""
+    times = [[timed_run(command, shell=True)[0] for command in code] for _ in range(rounds)]
+    return {command: round(statistics.median(t), 3) for command, t in zip(code, zip(*times))}
+
+
+def onnx_session(path: str, threads: int):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def batch1_alone_us(dirs: dict, n: int = 2000) -> dict[str, float]:
     """Median microseconds of one batch-1 run of each graph in process, one thread."""
-    import onnxruntime
     import torch
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    session = onnxruntime.InferenceSession(dirs["onnx_archive"], options,
-                                           providers=["CPUExecutionProvider"])
-    x = images(1)[:, None].astype(np.float32)
-    feed = {session.get_inputs()[0].name: x}
+    from lightcycle.lifecycle.export import ONNX_INPUT
+
+    session, x = onnx_session(dirs["onnx_archive"], 1), images(1)[:, None].astype(np.float32)
     module = torch.jit.load(dirs["torchscript_archive"]).eval()
-    runs = {"onnx": lambda: session.run(None, feed), "torchscript": lambda: module(torch.from_numpy(x))}
-    threads = torch.get_num_threads()
+    runs = {"onnx": lambda: session.run(None, {ONNX_INPUT: x}),
+            "torchscript": lambda: module(torch.from_numpy(x))}
+    threads, out = torch.get_num_threads(), {}
     torch.set_num_threads(1)
-    out = {}
     with torch.inference_mode():
         for name, run in runs.items():
             times = []
-            for i in range(n + 50):
+            for _ in range(n + 50):  # the first 50 warm up
                 start = time.perf_counter()
                 run()
                 times.append(time.perf_counter() - start)
@@ -281,22 +273,18 @@ def floor(args, net, tmp: str) -> dict:
                 started[name] = proc, url
                 rounds[name].append({"cold start (s)": cold})
 
-            def measure(label: str, figure: str, cpu_label: str | None = None, **load) -> None:
-                """One figure of clients_load's for every server, one server after the other."""
-                for name, (proc, url) in started.items():
-                    cpu = server_usage(proc)[0]
-                    got = clients_load(url, **load)
-                    row = rounds[name][-1]
-                    row[label], row[f"{label}: errors"] = got[figure], got["errors"]
-                    if cpu_label:
-                        row[cpu_label] = (server_usage(proc)[0] - cpu) / max(got["requests"], 1) * 1000
-
             for name, got in interleaved_batch1(started, one_json.body,
                                                 args.latency_requests).items():
                 rounds[name][-1].update(got)
-            measure(rate, "requests_per_s", f"{args.clients} clients, server CPU per request (ms)",
-                    mix=[one_json], clients=args.clients, seconds=args.seconds)
-            measure(B64, "images_per_s", mix=[many_b64], seconds=args.seconds)
+            for name, (proc, url) in started.items():  # the rest: one server after the other
+                cpu = server_usage(proc)[0]
+                got = clients_load(url, [one_json], args.clients, args.seconds)
+                cpu = (server_usage(proc)[0] - cpu) / max(got["requests"], 1) * 1000
+                rounds[name][-1].update({rate: got["requests_per_s"], f"{rate}: errors": got["errors"],
+                                         f"{args.clients} clients, server CPU per request (ms)": cpu})
+            for name, (_, url) in started.items():
+                got = clients_load(url, [many_b64], seconds=args.seconds)
+                rounds[name][-1].update({B64: got["images_per_s"], f"{B64}: errors": got["errors"]})
         print(f"round {r + 1}/{args.rounds}:", json.dumps({k: v[-1] for k, v in rounds.items()}),
               file=sys.stderr, flush=True)
 
@@ -309,10 +297,10 @@ def floor(args, net, tmp: str) -> dict:
         ratio("onnx", "cold start (s)", "litserve"), ratio("onnx", P50, "litserve"),
         ratio("onnx", rate, "litserve")]))
     errors = sum(row[f"{rate}: errors"] for row in rounds["onnx"])
-    verdicts = {goal: "met" if {"<=": got["median"] <= bound, "<": got["median"] < bound,
-                                ">=": got["median"] >= bound, ">": got["median"] > bound}[sense]
+    senses = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
+    verdicts = {goal: "met" if senses[GOALS[goal][0]](got["median"], GOALS[goal][1])
                 and not (goal.endswith("no errors") and errors) else "missed"
-                for goal, got in ratios.items() for sense, bound in [GOALS[goal][:2]]}
+                for goal, got in ratios.items()}
     figures = {name: {key: summary([row[key] for row in got]) for key in got[0]}
                for name, got in rounds.items()}
     startup = seconds_to_run(["mlflow --version", "python -c 'import mlflow.pyfunc.scoring_server'",
@@ -369,7 +357,7 @@ def batch64(args, net, tmp: str) -> dict:
 
 
 def deployable_loaders(net, images_t, calibration, reference, no_onnx: bool, tmp: str) -> dict:
-    """name -> (a function that loads the variant afresh, a note on its build)."""
+    """name -> a function that loads the variant afresh, for every variant that builds."""
     import torch
 
     from lightcycle.lifecycle import export
@@ -400,15 +388,11 @@ def deployable_loaders(net, images_t, calibration, reference, no_onnx: bool, tmp
         return lambda: torch.jit.optimize_for_inference(torch.jit.script(fixed))
 
     def onnx():
-        import onnxruntime
-
         path = os.path.join(tmp, "net.onnx")
         export.save_archive(export.convert(net, "onnx", example), path)
 
         def load():
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
-            session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            session = onnx_session(path, torch.get_num_threads())
             return lambda x: torch.from_numpy(session.run(None, {export.ONNX_INPUT: x.numpy()})[0])
         return load
 
@@ -458,19 +442,10 @@ def deployables(args, net, tmp: str) -> dict:
                          "agreement, shifted copies": round(float(
                              (shifted.argmax(1) == reference.synthetic_logits.argmax(1)).float().mean()), 4)}
         for batch in (1, 64):  # a fresh module per batch size: TorchScript specializes on shapes
-            module, x = load(), images_t[:batch].clone()
-            with torch.inference_mode():
-                for _ in range(20):
-                    module(x)
-            timed[(name, batch)] = (module, x, [])
-    with torch.inference_mode():  # interleaved rounds: load from elsewhere hits all alike
-        for _ in range(args.rounds):
-            for (name, batch), (module, x, rates) in timed.items():
-                n, start = 0, time.perf_counter()
-                while time.perf_counter() - start < args.seconds:
-                    module(x)
-                    n += 1
-                rates.append(n * batch / (time.perf_counter() - start))
+            timed[(name, batch)] = (load(), images_t[:batch].clone(), [])
+    for round_ in range(args.rounds):  # interleaved rounds: load from elsewhere hits all alike
+        for module, x, rates in timed.values():
+            rates.append(images_per_second(module, x, args.seconds, warmup=0 if round_ else 20))
     for (name, batch), (_, _, rates) in timed.items():
         results[name][f"batch-{batch} images/s"] = round(statistics.median(rates))
         if batch == 64 and ("frozen", 64) in timed:
@@ -555,27 +530,24 @@ VARIANTS = {"floor": floor, "batch64": batch64, "deployables": deployables}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = rounds_parser(__doc__, rounds=3, seconds=3.0)
+    parser = command_line(__doc__, rounds=3)
     parser.add_argument("--variant", choices=[*VARIANTS, "load"], required=True)
+    parser.add_argument("--seconds", type=float, help="a figure's (default 3); load: in all (30)")
     parser.add_argument("--train-epochs", type=int, default=3, help="the cnn's (0: untrained)")
-    parser.add_argument("--epochs", type=int, help="deployables: train epochs (default 8)")
+    parser.add_argument("--epochs", type=int, default=8, help="deployables: train epochs")
     parser.add_argument("--latency-requests", type=int, default=400)
-    parser.add_argument("--clients", type=int, default=None, help="floor: 32; load: 8")
+    parser.add_argument("--clients", type=int, help="floor: 32; load: 8")
     parser.add_argument("--no-onnx", action="store_true", help="deployables: leave onnx out")
     parser.add_argument("--url", help="load: the running server")
     parser.add_argument("--model-uri", default="models:/lightcycle-fashion-scripted@champion")
     parser.add_argument("--pid", type=int, help="load: the server's pid (a session leader), for RSS")
-    parser.set_defaults(seconds=None)  # 3 a figure; load: 30 in all
     args = parser.parse_args(argv)
-    if args.variant == "load":
-        args.clients, args.seconds = args.clients or 8, args.seconds or 30
+    is_load = args.variant == "load"
+    args.clients, args.seconds = args.clients or (8 if is_load else 32), args.seconds or (30 if is_load else 3)
+    if is_load:
         return load(args)
-    args.clients, args.seconds = args.clients or 32, args.seconds or 3.0
-    if args.variant == "deployables":
-        args.epochs = 8 if args.epochs is None else args.epochs
-        net = trained_cnn(args.epochs, seed=42)
-    else:
-        net = trained_cnn(args.train_epochs)
+    net = (trained_cnn(args.epochs, seed=42) if args.variant == "deployables"
+           else trained_cnn(args.train_epochs))
     with tempfile.TemporaryDirectory(prefix=f"bench-served-{args.variant}-") as tmp:
         return VARIANTS[args.variant](args, net, tmp)
 

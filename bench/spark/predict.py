@@ -12,7 +12,6 @@ since a cluster job pays it once per job. Each engine gets one untimed warm-up o
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -23,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.common import report
+from bench.common import command_line, report
 from lightcycle.lifecycle import export
 from lightcycle.model import data
 from lightcycle.model.nets import build_net
@@ -42,7 +41,7 @@ def synthetic(n: int) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--sizes", default="10000,60000")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]

@@ -13,13 +13,12 @@ each starting torchrun and one Python process).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 import time
 
-from bench.common import child_env, report, sqlite_store, timed_run
+from bench.common import child_env, command_line, report, sqlite_store, timed_run
 
 ENGINES = {
     "ddp_devices2": ["--devices", "2", "--strategy", "ddp"],
@@ -38,9 +37,8 @@ def train(args: list[str], env: dict[str, str]) -> tuple[float, str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__, rounds=1)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args(argv)
     import mlflow
 
