@@ -121,15 +121,21 @@ def sqlite_store(directory, name: str = "mlflow.db") -> str:
     return uri
 
 
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    """(seconds, what it returned) of `fn(*args, **kwargs)`."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
 def timed_run(cmd: list[str], env: dict | None = None, **kwargs) -> tuple[float, str]:
     """Runs `cmd` from the checkout to its end: (seconds, its stdout and stderr); fails with
     the end of its output."""
-    start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=ROOT, env=env or child_env(), capture_output=True, text=True,
-                         **kwargs)
+    seconds, out = timed(subprocess.run, cmd, cwd=ROOT, env=env or child_env(),
+                         capture_output=True, text=True, **kwargs)
     if out.returncode != 0:
         raise RuntimeError(f"{cmd} exited with {out.returncode}:\n{(out.stdout + out.stderr)[-3000:]}")
-    return time.perf_counter() - start, out.stdout + out.stderr
+    return seconds, out.stdout + out.stderr
 
 
 def start_server(cmd: list[str], health_url: str, env: dict | None = None,

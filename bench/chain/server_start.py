@@ -5,7 +5,7 @@ a dozen servers).
 
 Each start: `mlflow server --workers 1` on a fresh sqlite store, timed to the first 200 on
 /health, then the number of processes in its group and their total RSS. Alternates the two
-settings so load from other processes hits both alike. Prints JSON (medians).
+settings so load from other processes hits both alike; medians of the starts.
 """
 
 from __future__ import annotations

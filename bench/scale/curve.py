@@ -8,7 +8,7 @@ For each train-set size (the sample, then synthetic sets tiled and shifted from 
 `mlflow run . -e main -P epochs=1` on a fresh sqlite store, its wall time, the train step's
 epoch time (from its progress line) and the peak RSS of the largest step process. Then the
 sample champion behind `mlflow run . -e serve`, under 1, 8 and 32 concurrent clients sending
-batch-1 requests: throughput and p50/p99 latency. Prints JSON, saved to bench/results/.
+batch-1 requests: throughput and p50/p99 latency.
 """
 
 from __future__ import annotations

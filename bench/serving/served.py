@@ -46,18 +46,18 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from bench.common import (VENV_BIN, Request, child_env, clients_load, command_line, free_port,
                           images_per_second, percentile, post, report, server_usage, serving,
-                          sqlite_store, summary, timed_run, trained_cnn)
+                          sqlite_store, summary, timed, timed_run, trained_cnn)
 
 warnings.simplefilter("ignore")
 P50, B64 = "batch-1 p50 (ms)", "base64 batch 64, images/s"  # the floor's figures, by label
@@ -212,11 +212,7 @@ def batch1_alone_us(dirs: dict, n: int = 2000) -> dict[str, float]:
     torch.set_num_threads(1)
     with torch.inference_mode():
         for name, run in runs.items():
-            times = []
-            for _ in range(n + 50):  # the first 50 warm up
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
+            times = [timed(run)[0] for _ in range(n + 50)]  # the first 50 warm up
             out[name] = round(statistics.median(times[50:]) * 1e6)
     torch.set_num_threads(threads)
     return out
@@ -245,9 +241,9 @@ def interleaved_batch1(started: dict, body: bytes, count: int, warmup: int = 20)
     cpu = {name: server_usage(proc)[0] for name, (proc, _) in started.items()}
     for i in range(count):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            errors[name] += not send(name)
-            latencies[name].append(time.perf_counter() - start)
+            seconds, ok = timed(send, name)
+            errors[name] += not ok
+            latencies[name].append(seconds)
     for _, connection in connections.values():
         connection.close()
     return {name: {P50: round(percentile(latencies[name], 0.5) * 1000, 3),
@@ -259,7 +255,7 @@ def interleaved_batch1(started: dict, body: bytes, count: int, warmup: int = 20)
 
 def floor(args, net, tmp: str) -> dict:
     names = ["noop", "torchscript", "onnx", "litserve"]
-    dirs = save_models(tmp, net, ["noop", "torchscript", "onnx"])
+    dirs = save_models(tmp, net, names[:-1])
     env = child_env(MLFLOW_TRACKING_URI=sqlite_store(tmp))
     one_json, many_b64 = Request(json_body(1)), Request(b64_body(64), images=64)
     rounds: dict[str, list[dict]] = {name: [] for name in names}
@@ -269,9 +265,9 @@ def floor(args, net, tmp: str) -> dict:
             started = {}
             for name in names if r % 2 == 0 else names[::-1]:
                 cmd, health, url = server(name, dirs, free_port(), tmp)
-                proc, cold = servers.enter_context(serving(cmd, health, env))
+                proc, seconds = servers.enter_context(serving(cmd, health, env))
                 started[name] = proc, url
-                rounds[name].append({"cold start (s)": cold})
+                rounds[name].append({"cold start (s)": seconds})
 
             for name, got in interleaved_batch1(started, one_json.body,
                                                 args.latency_requests).items():
@@ -288,14 +284,11 @@ def floor(args, net, tmp: str) -> dict:
         print(f"round {r + 1}/{args.rounds}:", json.dumps({k: v[-1] for k, v in rounds.items()}),
               file=sys.stderr, flush=True)
 
-    def ratio(name: str, key: str, over: str) -> dict:
-        return summary([a[key] / b[key] for a, b in zip(rounds[name], rounds[over])])
-
-    ratios = dict(zip(GOALS, [
-        ratio("onnx", P50, "noop"), ratio("onnx", "cold start (s)", "noop"),
-        ratio("onnx", rate, "noop"), ratio("onnx", B64, "torchscript"),
-        ratio("onnx", "cold start (s)", "litserve"), ratio("onnx", P50, "litserve"),
-        ratio("onnx", rate, "litserve")]))
+    cold = "cold start (s)"
+    ratios = {goal: summary([a[key] / b[key] for a, b in zip(rounds["onnx"], rounds[over])])
+              for goal, (key, over) in zip(GOALS, [  # in the order of GOALS
+                  (P50, "noop"), (cold, "noop"), (rate, "noop"), (B64, "torchscript"),
+                  (cold, "litserve"), (P50, "litserve"), (rate, "litserve")])}
     errors = sum(row[f"{rate}: errors"] for row in rounds["onnx"])
     senses = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
     verdicts = {goal: "met" if senses[GOALS[goal][0]](got["median"], GOALS[goal][1])
@@ -513,11 +506,10 @@ def run_load(url: str, mix: list[Request], clients: int = 8, seconds: float = 30
 
 
 def load(args) -> dict:
-    class Proc:  # server_usage reads a process group: the server's own, started in its session
-        pid = args.pid
-
+    # server_usage reads a process group: the server's own, started in a session of its own
+    group = SimpleNamespace(pid=args.pid)
     got = run_load(args.url, standard_mix(args.model_uri), args.clients, args.seconds,
-                   rss=(lambda: server_usage(Proc)[1]) if args.pid else None)
+                   rss=(lambda: server_usage(group)[1]) if args.pid else None)
     return report("load_serve", got, (
         ["clients", "requests/s", "images/s", "p50 (ms)", "p99 (ms)", "good", "bad", "problems",
          "RSS after warm-up / at the end (KiB)"],

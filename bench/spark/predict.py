@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.common import command_line, report
+from bench.common import command_line, report, timed
 from lightcycle.lifecycle import export
 from lightcycle.model import data
 from lightcycle.model.nets import build_net
@@ -58,21 +57,16 @@ def main(argv: list[str] | None = None) -> dict:
         for n in [1000, *sizes]:
             synthetic(n).to_parquet(tmp / f"{n}.parquet")
 
-        start = time.perf_counter()
-        spark = spark_scoring.spark_session("local[2]")
-        figures["spark_session_s"] = round(time.perf_counter() - start, 1)
+        seconds, spark = timed(spark_scoring.spark_session, "local[2]")
+        figures["spark_session_s"] = round(seconds, 1)
         figures["spark"] = f"pyspark {spark.version}, {spark.sparkContext.master}"
 
         batch_predict(model_dir, tmp / "1000.parquet", tmp / "warm.csv")
         spark_scoring.score(spark, model_dir, str(tmp / "1000.parquet"), str(tmp / "warm"))
         for n in sizes:
-            start = time.perf_counter()
-            batch_predict(model_dir, tmp / f"{n}.parquet", tmp / f"{n}.csv")
-            local_s = time.perf_counter() - start
-            start = time.perf_counter()
-            result = spark_scoring.score(spark, model_dir, str(tmp / f"{n}.parquet"),
-                                         str(tmp / f"{n}-spark"))
-            spark_s = time.perf_counter() - start
+            local_s = timed(batch_predict, model_dir, tmp / f"{n}.parquet", tmp / f"{n}.csv")[0]
+            spark_s, result = timed(spark_scoring.score, spark, model_dir, str(tmp / f"{n}.parquet"),
+                                    str(tmp / f"{n}-spark"))
             assert result.images == n
             figures[f"images_{n}"] = {
                 "local_s": round(local_s, 2), "local_images_per_s": round(n / local_s),

@@ -15,13 +15,12 @@ deployable, interleaved rounds over all candidates (medians), on the first seed'
 from __future__ import annotations
 
 import statistics
-import time
 import warnings
 
 import torch
 from torch import nn
 
-from bench.common import command_line, images_per_second, report, trained_cnn
+from bench.common import command_line, images_per_second, report, timed, trained_cnn
 from lightcycle.lifecycle import export
 from lightcycle.model import data
 from lightcycle.model.nets import CNN, NUM_CLASSES, Normalize, _conv_block
@@ -62,9 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.candidates:
         rows = []
         for seed in args.seeds:
-            start = time.perf_counter()
-            net = trained_cnn(args.epochs, seed, CANDIDATES[name])
-            train_s = time.perf_counter() - start
+            train_s, net = timed(trained_cnn, args.epochs, seed, CANDIDATES[name])
             int8 = export.convert_and_check(net, "quantize", data_dir)
             fp32 = export.convert_and_check(net, "script", data_dir)
             rows.append({"seed": seed, "train_s": round(train_s, 1),
