@@ -6,8 +6,6 @@ Each benchmark's `main(argv)` returns `report(...)`: its figures and its tables,
 bench/dashboard.py prints as they are. The process machinery is the tests' (tests/processes.py).
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import http.client

@@ -12,8 +12,6 @@ alone. The settings are short: the tables show where things stand, not figures t
 (BENCHMARKS.md has those, with the settings they were measured with).
 """
 
-from __future__ import annotations
-
 import contextlib
 import importlib
 import json

@@ -9,8 +9,6 @@ count; without one it falls back to the CPU time of reaped children, which misse
 Writes bench/results/suite_<tier>.json and the suite's output beside it (suite_<tier>.log).
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 import re

@@ -7,8 +7,6 @@ costs), `sqlite-server` and `postgresql` (a local `mlflow server --workers 1` wi
 artifacts on that store; postgresql on a throw-away cluster). Results: bench/results/chain*.json.
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 import shutil

@@ -3,8 +3,6 @@
     PATH=.venv/bin:$PATH python -m bench.chain.log_model
 """
 
-from __future__ import annotations
-
 import os
 import statistics
 import tempfile

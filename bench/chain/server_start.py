@@ -8,8 +8,6 @@ Each start: `mlflow server --workers 1` on a fresh sqlite store, timed to the fi
 settings so load from other processes hits both alike; medians of the starts.
 """
 
-from __future__ import annotations
-
 import os
 import statistics
 import subprocess

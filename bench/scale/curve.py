@@ -11,8 +11,6 @@ sample champion behind `mlflow run . -e serve`, under 1, 8 and 32 concurrent cli
 batch-1 requests: throughput and p50/p99 latency.
 """
 
-from __future__ import annotations
-
 import os
 import re
 import resource

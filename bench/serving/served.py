@@ -34,8 +34,6 @@ load: a running server under concurrent clients posting good requests (answers c
 the model in this process) and bad ones (each must get a 4xx); tests/test_faults.py runs it.
 """
 
-from __future__ import annotations
-
 import base64
 import copy
 import http.client

@@ -10,8 +10,6 @@ started once, before the timed runs; its start-up is reported on its own (`spark
 since a cluster job pays it once per job. Each engine gets one untimed warm-up on 1,000 images.
 """
 
-from __future__ import annotations
-
 import os
 import tempfile
 import warnings

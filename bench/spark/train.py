@@ -11,8 +11,6 @@ TorchDistributor run of a function that only returns (`noop_distributor_s`: two 
 each starting torchrun and one Python process).
 """
 
-from __future__ import annotations
-
 import os
 import sys
 import tempfile

@@ -8,8 +8,6 @@ artifacts, then sums the bytes under checkpoints/ on the server's disk: what aut
 Writes bench/results/checkpoint_retention_<model>_<epochs>.json.
 """
 
-from __future__ import annotations
-
 import os
 import re
 import tempfile

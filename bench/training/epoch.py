@@ -7,8 +7,6 @@ AdamW + OneCycle, per-epoch validation; Lightning side without MLflow (its overh
 measured separately by bench.chain.log_model). First epoch is warm-up and not counted.
 """
 
-from __future__ import annotations
-
 import statistics
 import tempfile
 import time

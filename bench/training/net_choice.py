@@ -12,8 +12,6 @@ eager, and the int8 and float TorchScript deployables exactly as `publish` build
 deployable, interleaved rounds over all candidates (medians), on the first seed's nets.
 """
 
-from __future__ import annotations
-
 import statistics
 import warnings
 

@@ -10,8 +10,6 @@ every process), then with OMP_NUM_THREADS = cores / processes. Reports the media
 scoring server.
 """
 
-from __future__ import annotations
-
 import os
 import re
 import statistics
