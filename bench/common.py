@@ -6,8 +6,6 @@ Each benchmark's `main(argv)` returns `report(...)`: its figures and its tables,
 bench/dashboard.py prints as they are. The process machinery is the tests' (tests/processes.py).
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import http.client
@@ -88,13 +86,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-def rounds_parser(doc: str, rounds: int, seconds: float) -> argparse.ArgumentParser:
-    """The command line of a benchmark that measures in `--rounds` of `--seconds` per figure;
-    --help prints `doc` as it is written."""
+def command_line(doc: str, rounds: int | None = None,
+                 seconds: float | None = None) -> argparse.ArgumentParser:
+    """A benchmark's command line, whose --help prints `doc` as it is written; with `--rounds`
+    and `--seconds` (per figure) where their defaults are given."""
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=rounds)
-    parser.add_argument("--seconds", type=float, default=seconds)
+    if rounds is not None:
+        parser.add_argument("--rounds", type=int, default=rounds)
+    if seconds is not None:
+        parser.add_argument("--seconds", type=float, default=seconds)
     return parser
 
 
@@ -118,15 +119,21 @@ def sqlite_store(directory, name: str = "mlflow.db") -> str:
     return uri
 
 
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    """(seconds, what it returned) of `fn(*args, **kwargs)`."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
 def timed_run(cmd: list[str], env: dict | None = None, **kwargs) -> tuple[float, str]:
     """Runs `cmd` from the checkout to its end: (seconds, its stdout and stderr); fails with
     the end of its output."""
-    start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=ROOT, env=env or child_env(), capture_output=True, text=True,
-                         **kwargs)
+    seconds, out = timed(subprocess.run, cmd, cwd=ROOT, env=env or child_env(),
+                         capture_output=True, text=True, **kwargs)
     if out.returncode != 0:
         raise RuntimeError(f"{cmd} exited with {out.returncode}:\n{(out.stdout + out.stderr)[-3000:]}")
-    return time.perf_counter() - start, out.stdout + out.stderr
+    return seconds, out.stdout + out.stderr
 
 
 def start_server(cmd: list[str], health_url: str, env: dict | None = None,
@@ -172,16 +179,14 @@ def server_usage(proc: subprocess.Popen) -> tuple[float, int]:
     return cpu / tick, rss
 
 
-def ok_if_200(status: int, body: bytes) -> str | None:
-    return None if status == 200 else f"status {status}"
-
-
 @dataclass(frozen=True)
 class Request:
     body: bytes
     kind: str = "good"  # counted apart in the result, e.g. "good" and "bad"
     images: int = 1
-    check: Callable[[int, bytes], str | None] = ok_if_200  # the problem with an answer, or None
+    # the problem with an answer, or None; by default any status but 200
+    check: Callable[[int, bytes], str | None] = lambda status, body: (
+        None if status == 200 else f"status {status}")
 
 
 def post(connection: http.client.HTTPConnection, path: str, body: bytes) -> tuple[int, bytes]:
@@ -293,16 +298,16 @@ def plain_cnn_epochs(epochs: int, seed: int = 0, net=None):
         yield net, dm.val_dataloader()
 
 
-def trained_cnn(epochs: int, seed: int = 0, net=None):
-    """`net` (a seeded `cnn` by default) after `epochs` of the plain loop, in eval mode; 0
-    epochs: the untrained net, which costs the same to run."""
+def trained_cnn(epochs: int, seed: int = 0, make=None):
+    """The net `make()` builds (the `cnn` by default) right after torch is seeded with `seed`,
+    after `epochs` of the plain loop, in eval mode; 0 epochs: the untrained net, which costs the
+    same to run."""
     import torch
 
     from lightcycle.model.nets import build_net
 
-    if net is None:
-        torch.manual_seed(seed)
-        net = build_net("cnn")
+    torch.manual_seed(seed)
+    net = make() if make else build_net("cnn")
     for net, _ in plain_cnn_epochs(epochs, seed, net=net) if epochs else ():
         pass
     return net.eval()

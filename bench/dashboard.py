@@ -12,9 +12,6 @@ alone. The settings are short: the tables show where things stand, not figures t
 (BENCHMARKS.md has those, with the settings they were measured with).
 """
 
-from __future__ import annotations
-
-import argparse
 import contextlib
 import importlib
 import json
@@ -26,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench.common import RESULTS, ROOT, child_env, markdown_table
+from bench.common import RESULTS, ROOT, child_env, command_line, markdown_table
 
 AREAS = {"training": "Training", "chain": "Chain", "serving": "Serving", "spark": "Spark",
          "scale": "Scale"}
@@ -50,16 +47,8 @@ class Benchmark:
         return shlex.join(["python", "-m", f"bench.{self.module}", *self.args])
 
     @property
-    def timeout_s(self) -> int:
-        return 2 * self.estimate_s + 60
-
-    @property
     def log(self) -> str:
         return f"bench/results/{self.results}.log"
-
-    @property
-    def saved(self) -> str:
-        return f"bench/results/{self.results}.json"
 
 
 # In the order of AREAS; together about 13.5 minutes. Each estimate, from the settings and what
@@ -113,28 +102,29 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def run(benchmark: Benchmark) -> tuple[str | None, float]:
-    """Runs one benchmark: (None, or what went wrong in a line; seconds)."""
+    """Runs one benchmark under twice its estimate and a minute: (None, or what went wrong in
+    a line; seconds)."""
     RESULTS.mkdir(exist_ok=True)
-    start = time.time()
+    start, timeout = time.time(), 2 * benchmark.estimate_s + 60
     with (ROOT / benchmark.log).open("w") as out:
         # A session of its own: stopping its group must not stop this process.
         proc = subprocess.Popen([sys.executable, "-m", f"bench.{benchmark.module}",
                                  *benchmark.args], cwd=ROOT, env=child_env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = proc.wait(benchmark.timeout_s)
+            code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             stop(proc)
-            return f"out of time: stopped after {benchmark.timeout_s} s", time.time() - start
+            return f"out of time: stopped after {timeout} s", time.time() - start
         except KeyboardInterrupt:
             stop(proc)
             raise
     seconds = time.time() - start
     if code != 0:
         return f"failed with exit status {code}", seconds
-    saved = ROOT / benchmark.saved
+    saved = RESULTS / f"{benchmark.results}.json"
     if not saved.exists() or saved.stat().st_mtime < start:
-        return f"exited 0 but wrote no {benchmark.saved}", seconds
+        return f"exited 0 but wrote no {saved.relative_to(ROOT)}", seconds
     return None, seconds
 
 
@@ -166,7 +156,7 @@ def chosen(only: str | None) -> list[Benchmark]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = command_line(__doc__)
     parser.add_argument("--only", help="comma-separated areas or benchmarks, e.g. "
                                        "serving,chain.chain")
     parser.add_argument("--list", action="store_true", help="print what would run, run nothing")
@@ -196,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             tail = (ROOT / benchmark.log).read_text().rstrip().splitlines()[-5:]
             text = section(benchmark, seconds, problem=problem, log_tail=tail)
         else:
-            text = section(benchmark, seconds, json.loads((ROOT / benchmark.saved).read_text()))
+            text = section(benchmark, seconds,
+                           json.loads((RESULTS / f"{benchmark.results}.json").read_text()))
         if benchmark.area != area:
             area = benchmark.area
             print(f"\n## {AREAS[area]}")

@@ -9,19 +9,16 @@ count; without one it falls back to the CPU time of reaped children, which misse
 Writes bench/results/suite_<tier>.json and the suite's output beside it (suite_<tier>.log).
 """
 
-from __future__ import annotations
-
-import argparse
+import contextlib
 import os
 import re
 import resource
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
-from bench.common import RESULTS, ROOT, report
+from bench.common import RESULTS, ROOT, command_line, report, timed
 
 TIERS = {"fast": '-m "not slow"', "full": ""}
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/cpuacct"), Path("/sys/fs/cgroup/unified"),
@@ -56,18 +53,13 @@ def command(tier: str, extra: str = "") -> list[str]:
 
 def measure(tier: str, extra: str = "") -> dict:
     group = _own_cgroup()
-    enter = None
-    if group is not None:
-        def enter():  # runs in the child before exec: make and all it starts stay in the group
-            (group / "cgroup.procs").write_text(str(os.getpid()))
+    # runs in the child before exec: make and all it starts stay in the group
+    enter = (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    result = subprocess.run(command(tier, extra), cwd=ROOT, preexec_fn=enter, capture_output=True,
-                            text=True)
-    wall = time.perf_counter() - start
-    log = RESULTS / f"suite_{tier}.log"
-    log.parent.mkdir(exist_ok=True)
-    log.write_text(result.stdout + result.stderr)
+    wall, result = timed(subprocess.run, command(tier, extra), cwd=ROOT, preexec_fn=enter,
+                         capture_output=True, text=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"suite_{tier}.log").write_text(result.stdout + result.stderr)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     reaped = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     summary = [line for line in result.stdout.splitlines() if re.match(r"^=+ .* in [\d.]+s", line)]
@@ -79,15 +71,13 @@ def measure(tier: str, extra: str = "") -> dict:
                "cpu_s_reaped_children": round(reaped, 1),
                "cpu_source": f"cgroup {group}" if group else "reaped children only"}
     if group is not None:
-        try:
+        with contextlib.suppress(OSError):  # a process the suite left behind holds it; the figure stands
             group.rmdir()
-        except OSError:
-            pass  # a process the suite left behind still holds it; the figure stands
     return figures
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--tier", choices=sorted(TIERS), default="fast")
     parser.add_argument("--pytest-args", default="", help="more pytest arguments, e.g. --durations=40")
     args = parser.parse_args(argv)

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from mlflow import MlflowClient
 
 from conftest import SAMPLE_DIR
-from lightcycle.lifecycle import export, model_io, registry
+from lightcycle.lifecycle import export
 from lightcycle.model import data
 from lightcycle.model.evaluate import images_tensor, predict_logits
 from lightcycle.model.nets import build_net
+from publishing import refused_then_published
 
 
 @pytest.fixture(scope="module")
@@ -133,29 +134,15 @@ def test_int8_parity_fails_when_predictions_move(trained_cnn, reference, calibra
 @pytest.mark.slow
 def test_publish_int8_logs_a_servable_deployable_or_nothing(trained_cnn, tracking_uri, experiment,
                                                             monkeypatch):
-    client = MlflowClient()
-    name = f"int8-{np.random.default_rng().integers(1 << 30)}"
-    with mlflow.start_run() as run:
-        info = model_io.log_eager_model(trained_cnn)
-    source, _ = registry.register_model(info.model_uri, name, run.info.run_id, {}, client)
-
     def shift(module):
         bias = torch.zeros(10)
         bias[3] = 1e3
         return scripted_shift(module, bias)
 
-    convert = export.convert
-    with monkeypatch.context() as patch:  # the fault, injected where the product converts
-        patch.setattr(export, "convert", lambda *args: shift(convert(*args)))
-        with pytest.raises(export.ParityError, match="int8: argmax agreement"):
-            with mlflow.start_run() as failed:
-                export.publish(f"models:/{name}/{source.version}", "quantize", SAMPLE_DIR)
-    assert mlflow.get_run(failed.info.run_id).info.status == "FAILED"
-    with pytest.raises(mlflow.exceptions.MlflowException):
-        client.get_registered_model(name + export.INT8_SUFFIX)
-
-    with mlflow.start_run():
-        result = export.publish(f"models:/{name}/{source.version}", "quantize", SAMPLE_DIR)
+    name, _, result = refused_then_published(trained_cnn, "int8", "quantize", shift,
+                                             "int8: argmax agreement", export.INT8_SUFFIX,
+                                             monkeypatch)
+    client = MlflowClient()
     assert result.version.name == name + export.INT8_SUFFIX
     assert result.parity.ok and result.stage == "frozen"
     mv = client.get_model_version(result.version.name, result.version.version)

@@ -14,6 +14,7 @@ from lightcycle.lifecycle import export, model_io, registry
 from lightcycle.model import data
 from lightcycle.model.evaluate import images_tensor, predict_logits
 from lightcycle.model.nets import build_net
+from publishing import refused_then_published
 
 
 @pytest.fixture(scope="module")
@@ -88,24 +89,10 @@ def test_the_onnx_pyfunc_never_imports_torch(graph, tmp_path):
 @pytest.mark.slow
 def test_publish_onnx_logs_a_torch_free_deployable_or_nothing(net, tracking_uri, experiment,
                                                              monkeypatch):
+    name, source, result = refused_then_published(
+        net, "onnx", "onnx", shifted, "onnx model \\(onnx\\) does not match", registry.ONNX_SUFFIX,
+        monkeypatch)
     client = MlflowClient()
-    name = f"onnx-{np.random.default_rng().integers(1 << 30)}"
-    with mlflow.start_run() as run:
-        info = model_io.log_eager_model(net)
-    source, _ = registry.register_model(info.model_uri, name, run.info.run_id, {}, client)
-
-    convert = export.convert
-    with monkeypatch.context() as patch:  # the fault, injected where the product converts
-        patch.setattr(export, "convert", lambda *args: shifted(convert(*args)))
-        with pytest.raises(export.ParityError, match="onnx model \\(onnx\\) does not match"):
-            with mlflow.start_run() as failed:
-                export.publish(f"models:/{name}/{source.version}", "onnx", SAMPLE_DIR)
-    assert mlflow.get_run(failed.info.run_id).info.status == "FAILED"
-    with pytest.raises(mlflow.exceptions.MlflowException):
-        client.get_registered_model(name + registry.ONNX_SUFFIX)
-
-    with mlflow.start_run():
-        result = export.publish(f"models:/{name}/{source.version}", "onnx", SAMPLE_DIR)
     assert result.version.name == name + registry.ONNX_SUFFIX
     assert result.parity.ok and result.stage == "exported"
     mv = client.get_model_version_by_alias(result.version.name, registry.CHALLENGER)

@@ -16,6 +16,7 @@ The image tests need a Docker-compatible engine. When none answers they start on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -500,6 +501,47 @@ def _start_with_mounted_model(engine, image_id: str, model_dir):
     return container, f"http://127.0.0.1:{port}"
 
 
+@contextlib.contextmanager
+def _mounted_and_inspected(engine, image_id: str, model: dict, inspect_code: str):
+    """The image run with `model`'s directory mounted, until /ping answers: its answers checked
+    (_check_predictions), its own HEALTHCHECK command run inside it, `inspect_code` run inside
+    it, not as root. Yields (container, seconds to /ping, accuracy, max probability difference,
+    what `inspect_code` printed); removes the container after."""
+    container, url = _start_with_mounted_model(engine, image_id, model["dir"])
+    try:
+        healthcheck, ready = _wait_until_healthy(container, url)
+        accuracy, diff = _check_predictions(_invoke(url, model["pixels"]), model)
+
+        # The image's own HEALTHCHECK command succeeds inside the running container.
+        check = container.exec_run(healthcheck[1:])
+        assert check.exit_code == 0, check.output.decode()
+        inspect = container.exec_run(["python", "-c", inspect_code])
+        assert inspect.exit_code == 0, inspect.output.decode()
+        facts = json.loads(inspect.output.decode().strip().splitlines()[-1])
+        assert facts["uid"] != 0
+        yield container, ready, accuracy, diff, facts
+    finally:
+        container.remove(force=True)
+
+
+def _check_slim_and_stop(container, facts: dict, *also_absent: str) -> float:
+    """What every serving image holds and does, from `facts` (_INSPECT's, inside `container`):
+    MLflow's skinny client, not MLflow; none of the test or training packages (nor
+    `also_absent`); no compilers and no build extras left. Then `docker stop` ends it with exit
+    code 0 in under 20 s (SIGTERM handled): the seconds it took."""
+    assert "mlflow-skinny" in facts["dists"] and "mlflow" not in facts["dists"]
+    assert not {"pytest", "lightning", "torchvision", "scikit-learn", *also_absent} & set(facts["dists"])
+    assert facts["compilers"] == [] and not facts["build_extras_left"]
+
+    started = time.monotonic()
+    container.stop(timeout=30)
+    stopped = time.monotonic() - started
+    container.reload()
+    assert container.attrs["State"]["ExitCode"] == 0, container.logs().decode()[-3000:]
+    assert stopped < 20, f"docker stop took {stopped:.1f} s: SIGTERM was not handled"
+    return stopped
+
+
 def _wait_until_healthy(container, url: str) -> tuple[list, float]:
     """The container's HEALTHCHECK command (its copy: podman 4's image inspect omits it) and
     the seconds until /ping answered."""
@@ -514,36 +556,15 @@ def test_container_serves_a_mounted_model(engine, image, served_model, request):
     """Run as a user would: model directory mounted read-only, port published on 127.0.0.1."""
     _check_image_config(image["image"].attrs["Config"])
 
-    container, url = _start_with_mounted_model(engine, image["image"].id, served_model["dir"])
-    try:
-        healthcheck, ready = _wait_until_healthy(container, url)
-        accuracy, diff = _check_predictions(_invoke(url, served_model["pixels"]), served_model)
-
-        # The image's own HEALTHCHECK command succeeds inside the running container.
-        check = container.exec_run(healthcheck[1:])
-        assert check.exit_code == 0, check.output.decode()
-        inspect = container.exec_run(["python", "-c", _INSPECT])
-        assert inspect.exit_code == 0, inspect.output.decode()
-        facts = json.loads(inspect.output.decode().strip().splitlines()[-1])
-        assert facts["uid"] != 0
+    with _mounted_and_inspected(engine, image["image"].id, served_model, _INSPECT) as (
+            container, ready, accuracy, diff, facts):
         assert facts["cuda"] is None and not [d for d in facts["dists"] if d.startswith("nvidia")]
-        assert "mlflow-skinny" in facts["dists"] and "mlflow" not in facts["dists"]
-        assert not {"pytest", "lightning", "torchvision", "scikit-learn"} & set(facts["dists"])
-        assert facts["compilers"] == [] and not facts["build_extras_left"]
-
-        started = time.monotonic()
-        container.stop(timeout=30)
-        stopped = time.monotonic() - started
-        container.reload()
-        assert container.attrs["State"]["ExitCode"] == 0, container.logs().decode()[-3000:]
-        assert stopped < 20, f"docker stop took {stopped:.1f} s: SIGTERM was not handled"
+        stopped = _check_slim_and_stop(container, facts)
         _report(request.config,
                 f"container: /ping after {ready:.0f} s, accuracy {accuracy:.3f} on "
                 f"{len(served_model['labels'])} images, torch {facts['torch']} in the image "
                 f"served a TorchScript archive saved by torch {served_model['torch']} "
                 f"(max probability difference {diff:.2g}), stopped in {stopped:.1f} s")
-    finally:
-        container.remove(force=True)
 
 
 @pytest.mark.slow
@@ -602,18 +623,8 @@ def test_onnx_container_serves_a_mounted_onnx_model(engine, onnx_image, served_o
     _check_image_config(config)
     assert f"LIGHTCYCLE_DEFAULT_MODEL_URI={ONNX_DEFAULT_MODEL_URI}" in (config.get("Env") or [])
 
-    container, url = _start_with_mounted_model(engine, onnx_image["image"].id,
-                                               served_onnx_model["dir"])
-    try:
-        healthcheck, ready = _wait_until_healthy(container, url)
-        accuracy, diff = _check_predictions(_invoke(url, served_onnx_model["pixels"]), served_onnx_model)
-
-        check = container.exec_run(healthcheck[1:])
-        assert check.exit_code == 0, check.output.decode()
-        inspect = container.exec_run(["python", "-c", _INSPECT_ONNX])
-        assert inspect.exit_code == 0, inspect.output.decode()
-        facts = json.loads(inspect.output.decode().strip().splitlines()[-1])
-        assert facts["uid"] != 0
+    with _mounted_and_inspected(engine, onnx_image["image"].id, served_onnx_model,
+                                _INSPECT_ONNX) as (container, ready, accuracy, diff, facts):
         # No torch: it cannot be imported and no torch or nvidia distribution is installed.
         assert facts["torch_import"].startswith("ImportError"), facts["torch_import"]
         heavy = sorted(d for d in facts["dists"] if d.startswith(("torch", "nvidia", "triton")))
@@ -622,23 +633,12 @@ def test_onnx_container_serves_a_mounted_onnx_model(engine, onnx_image, served_o
         assert facts["onnxruntime"] == facts["dists"]["onnxruntime"] == pins["onnxruntime"], facts
         assert "CPUExecutionProvider" in facts["providers"]
         assert not [p for p in facts["providers"] if "CUDA" in p or "TensorRT" in p], facts["providers"]
-        assert "mlflow-skinny" in facts["dists"] and "mlflow" not in facts["dists"]
-        assert not {"pytest", "lightning", "torchvision", "scikit-learn", "onnx", "onnxscript"} & set(facts["dists"])
-        assert facts["compilers"] == [] and not facts["build_extras_left"]
-
-        started = time.monotonic()
-        container.stop(timeout=30)
-        stopped = time.monotonic() - started
-        container.reload()
-        assert container.attrs["State"]["ExitCode"] == 0, container.logs().decode()[-3000:]
-        assert stopped < 20, f"docker stop took {stopped:.1f} s: SIGTERM was not handled"
+        stopped = _check_slim_and_stop(container, facts, "onnx", "onnxscript")
         _report(request.config,
                 f"onnx container: /ping after {ready:.0f} s, accuracy {accuracy:.3f} on "
                 f"{len(served_onnx_model['labels'])} images, onnxruntime {facts['onnxruntime']}, "
                 f"no torch (max probability difference {diff:.2g} from this process's ONNX Runtime, "
                 f"{served_onnx_model['eager_diff']:.2g} from eager), stopped in {stopped:.1f} s")
-    finally:
-        container.remove(force=True)
 
 
 @pytest.mark.slow

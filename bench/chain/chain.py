@@ -7,9 +7,6 @@ costs), `sqlite-server` and `postgresql` (a local `mlflow server --workers 1` wi
 artifacts on that store; postgresql on a throw-away cluster). Results: bench/results/chain*.json.
 """
 
-from __future__ import annotations
-
-import argparse
 import contextlib
 import os
 import shutil
@@ -18,7 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import child_env, free_port, report, serving, sqlite_store, timed_run
+from bench.common import (child_env, command_line, free_port, report, serving, sqlite_store,
+                          timed_run)
 from lightcycle.operations.postgres import PostgresCluster
 from lightcycle.operations.tracking_server import mlflow_server_command
 
@@ -37,9 +35,9 @@ def import_cost(module: str) -> tuple[float, bool]:
 
 @contextlib.contextmanager
 def tracking(backend: str, tmp: Path):
-    """Yields (tracking URI, extra env) for a fresh store on `backend`."""
+    """Yields the tracking URI of a fresh store on `backend`."""
     if backend == "sqlite":
-        yield sqlite_store(tmp), {}
+        yield sqlite_store(tmp)
         return
     env, cluster, root = {}, None, None
     if backend == "postgresql":
@@ -56,7 +54,7 @@ def tracking(backend: str, tmp: Path):
     try:
         with serving(mlflow_server_command(uri, tmp / "artifacts", "127.0.0.1", port),
                      f"http://127.0.0.1:{port}/health", {**os.environ, **env}):
-            yield f"http://127.0.0.1:{port}", {}
+            yield f"http://127.0.0.1:{port}"
     finally:
         if cluster is not None:
             cluster.stop()
@@ -64,26 +62,24 @@ def tracking(backend: str, tmp: Path):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--backend", choices=["sqlite", "sqlite-server", "postgresql"],
                         default="sqlite")
     args = parser.parse_args(argv)
     figures = {"backend": args.backend}
-    with tempfile.TemporaryDirectory() as tmp, tracking(args.backend, Path(tmp)) as (uri, extra):
-        env = child_env(**extra, MLFLOW_TRACKING_URI=uri)
+    with tempfile.TemporaryDirectory() as tmp, tracking(args.backend, Path(tmp)) as uri:
+        env = child_env(MLFLOW_TRACKING_URI=uri)
         cmd = ["mlflow", "run", ".", "--env-manager", "local", "-P", "epochs=3"]
         figures["main_3_epochs_s"] = round(timed_run(cmd, env)[0], 1)
         figures["main_cached_rerun_s"] = round(timed_run(cmd, env)[0], 1)
-    figures["goals"] = {"main_3_epochs_s": 60, "main_cached_rerun_s": 15}
+    figures["goals"] = goals = {"main_3_epochs_s": 60, "main_cached_rerun_s": 15}
     figures["load_average_1_5_15"] = os.getloadavg()
     if args.backend == "sqlite":  # the step imports do not depend on the store
         figures["step_import_s"] = {step: dict(zip(("seconds", "imports_lightning"), import_cost(module)))
                                     for step, module in STEP_MODULES.items()}
-    goals = figures["goals"]
-    rows = [[f"`main`, 3 epochs, fresh {args.backend} store", figures["main_3_epochs_s"],
-             f"<= {goals['main_3_epochs_s']}"],
-            ["the same command again, every step reused", figures["main_cached_rerun_s"],
-             f"<= {goals['main_cached_rerun_s']}"]]
+    rows = [[label, figures[key], f"<= {goals[key]}"] for key, label in (
+        ("main_3_epochs_s", f"`main`, 3 epochs, fresh {args.backend} store"),
+        ("main_cached_rerun_s", "the same command again, every step reused"))]
     rows += [[f"import of the `{step}` step" + (" (imports Lightning)" if cost["imports_lightning"] else ""),
               round(cost["seconds"], 2), ""] for step, cost in figures.get("step_import_s", {}).items()]
     return report("chain" if args.backend == "sqlite" else f"chain-{args.backend}", figures,

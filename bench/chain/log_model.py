@@ -3,16 +3,13 @@
     PATH=.venv/bin:$PATH python -m bench.chain.log_model
 """
 
-from __future__ import annotations
-
 import os
 import statistics
 import tempfile
-import time
 
 import mlflow
 
-from bench.common import report, sqlite_store
+from bench.common import report, sqlite_store, timed
 from lightcycle.lifecycle import model_io
 from lightcycle.model.nets import build_net
 
@@ -28,12 +25,9 @@ def main(argv: list[str] | None = None, repeats: int = 5) -> dict:
         with mlflow.start_run():
             model_io.log_eager_model(net, name="warmup")
             for i in range(repeats):
-                start = time.perf_counter()
-                info = model_io.log_eager_model(net, name=f"model{i}")
-                log_times.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                mlflow.register_model(info.model_uri, "bench-model")
-                register_times.append(time.perf_counter() - start)
+                seconds, info = timed(model_io.log_eager_model, net, name=f"model{i}")
+                log_times.append(seconds)
+                register_times.append(timed(mlflow.register_model, info.model_uri, "bench-model")[0])
     figures = {"log_model_s_median": round(statistics.median(log_times), 3),
                "log_model_s_max": round(max(log_times), 3),
                "register_s_median": round(statistics.median(register_times), 3), "goal_s": 1.0}

@@ -5,12 +5,9 @@ a dozen servers).
 
 Each start: `mlflow server --workers 1` on a fresh sqlite store, timed to the first 200 on
 /health, then the number of processes in its group and their total RSS. Alternates the two
-settings so load from other processes hits both alike. Prints JSON (medians).
+settings so load from other processes hits both alike; medians of the starts.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import statistics
 import subprocess
@@ -18,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import free_port, report, serving
+from bench.common import command_line, free_port, report, serving
 from lightcycle.operations.tracking_server import mlflow_server_command
 
 
@@ -37,7 +34,7 @@ def start_once(jobs: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     rows: dict[bool, list[dict]] = {True: [], False: []}

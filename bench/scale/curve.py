@@ -8,20 +8,17 @@ For each train-set size (the sample, then synthetic sets tiled and shifted from 
 `mlflow run . -e main -P epochs=1` on a fresh sqlite store, its wall time, the train step's
 epoch time (from its progress line) and the peak RSS of the largest step process. Then the
 sample champion behind `mlflow run . -e serve`, under 1, 8 and 32 concurrent clients sending
-batch-1 requests: throughput and p50/p99 latency. Prints JSON, saved to bench/results/.
+batch-1 requests: throughput and p50/p99 latency.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import re
 import resource
 import tempfile
 from pathlib import Path
 
-from bench.common import (ROOT, child_env, clients_load, free_port, report, serving, sqlite_store,
-                          synthetic_data_dir, timed_run)
+from bench.common import (ROOT, child_env, clients_load, command_line, free_port, report, serving,
+                          sqlite_store, synthetic_data_dir, timed_run)
 from bench.serving.served import standard_mix
 
 
@@ -47,10 +44,9 @@ def serve_curve(env: dict, model_uri: str, clients: list[int], seconds: float) -
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__, seconds=15)
     parser.add_argument("--sizes", default="720,7200,60000")
     parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--seconds", type=float, default=15)
     args = parser.parse_args(argv)
     sizes: dict = {}
     with tempfile.TemporaryDirectory(prefix="lightcycle-scale-") as tmp:

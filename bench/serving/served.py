@@ -4,7 +4,7 @@
         [--latency-requests 400] [--clients 32] [--train-epochs 0]
     PATH=.venv/bin:$PATH python -m bench.serving.served --variant batch64 [--rounds 3] [--seconds 3]
     PATH=.venv/bin:$PATH python -m bench.serving.served --variant deployables [--epochs 8]
-        [--rounds 5] [--seconds 1] [--no-onnx]
+        [--rounds 3] [--seconds 3] [--no-onnx]
     PATH=.venv/bin:$PATH python -m bench.serving.served --variant load --url http://127.0.0.1:5001
         [--clients 8] [--seconds 30] [--model-uri models:/lightcycle-fashion-scripted@champion]
         [--pid <server pid>]
@@ -17,10 +17,12 @@ floor: side by side in each round, every server started afresh (the order revers
 round): MLflow's floor (a no-op pyfunc answering zeros, no signature), the torchscript and onnx
 deployables under `mlflow models serve` (1 worker), and the torchscript archive under LitServe
 (bench/requirements.txt) as the peer. Per server: cold start (process start to the first 200 on
-/ping, LitServe's /health), batch-1 JSON p50 over `--latency-requests` sequential requests on one
-keep-alive connection and the server's CPU per request, `--clients` concurrent batch-1 clients
-(requests/s, errors, CPU per request), base64 batch-64 images/s from one client. Ratios are per
-round; medians with their ranges against GOALS. Where the time goes, in the same run: the
+/ping, LitServe's /health); then, all servers up, batch-1 JSON p50 over `--latency-requests`
+sequential requests each, the servers taking turns request by request (one keep-alive connection
+a server), so that every p50 comes from the same stretch of time, and each server's CPU over that
+stretch per request; then one server after the other, `--clients` concurrent batch-1 clients
+(requests/s, errors, CPU per request) and base64 batch-64 images/s from one client. Ratios are
+per round; medians with their ranges against GOALS. Where the time goes, in the same run: the
 `mlflow` CLI's own start, importing onnxruntime or torch after MLflow's scoring server, each
 graph's batch-1 run alone in process (one thread, as the deployables run small batches).
 batch64: batch-64 images/s by deployable, request form (JSON numbers or base64 uint8) and
@@ -32,27 +34,28 @@ load: a running server under concurrent clients posting good requests (answers c
 the model in this process) and bad ones (each must get a 4xx); tests/test_faults.py runs it.
 """
 
-from __future__ import annotations
-
 import base64
 import copy
+import http.client
 import io
 import json
+import operator
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import warnings
+from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from bench.common import (VENV_BIN, Request, child_env, clients_load, free_port, report,
-                          rounds_parser, server_usage, serving, sqlite_store, summary,
-                          trained_cnn)
+from bench.common import (VENV_BIN, Request, child_env, clients_load, command_line, free_port,
+                          images_per_second, percentile, post, report, server_usage, serving,
+                          sqlite_store, summary, timed, timed_run, trained_cnn)
 
 warnings.simplefilter("ignore")
 P50, B64 = "batch-1 p50 (ms)", "base64 batch 64, images/s"  # the floor's figures, by label
@@ -131,16 +134,9 @@ def b64_body(n: int) -> bytes:
 def in_process(archive: str, batch: int, seconds: float) -> float:
     import torch
 
-    from bench.common import images_per_second
-
     module = torch.jit.load(archive, map_location="cpu").eval()
     return images_per_second(module, torch.from_numpy(images(batch)[:, None].astype(np.float32)),
                              seconds)
-
-
-def models_serve(model_dir: str, port: int, *options: str) -> list[str]:
-    return [os.path.join(VENV_BIN, "mlflow"), "models", "serve", "--env-manager", "local",
-            "-h", "127.0.0.1", "-p", str(port), *options, "-m", model_dir]
 
 
 def save_models(tmp: str, net, names) -> dict[str, str]:
@@ -182,52 +178,82 @@ def server(name: str, dirs: dict, port: int, tmp: str) -> tuple[list[str], str, 
     if name.endswith("_workers2"):  # the serve step: one torch thread per worker
         return ([sys.executable, "steps/serve.py", "--model_uri", dirs[name.split("_")[0]],
                  "--port", str(port), "--workers", "2"], url + "/ping", url + "/invocations")
-    return models_serve(dirs[name], port), url + "/ping", url + "/invocations"
+    return ([os.path.join(VENV_BIN, "mlflow"), "models", "serve", "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port), "-m", dirs[name]], url + "/ping", url + "/invocations")
 
 
 def seconds_to_run(code: list[str], rounds: int = 3) -> dict[str, float]:
-    """Median seconds of each command in a fresh process, the commands alternating."""
-    times: dict[str, list[float]] = {c: [] for c in code}
-    for _ in range(rounds):
-        for command in code:
-            start = time.perf_counter()
-            subprocess.run(command, shell=True, env=child_env(), check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            times[command].append(time.perf_counter() - start)
-    return {c: round(statistics.median(t), 3) for c, t in times.items()}
+    """Median seconds of each shell command in a fresh process, the commands alternating."""
+    times = [[timed_run(command, shell=True)[0] for command in code] for _ in range(rounds)]
+    return {command: round(statistics.median(t), 3) for command, t in zip(code, zip(*times))}
+
+
+def onnx_session(path: str, threads: int):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def batch1_alone_us(dirs: dict, n: int = 2000) -> dict[str, float]:
     """Median microseconds of one batch-1 run of each graph in process, one thread."""
-    import onnxruntime
     import torch
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    session = onnxruntime.InferenceSession(dirs["onnx_archive"], options,
-                                           providers=["CPUExecutionProvider"])
-    x = images(1)[:, None].astype(np.float32)
-    feed = {session.get_inputs()[0].name: x}
+    from lightcycle.lifecycle.export import ONNX_INPUT
+
+    session, x = onnx_session(dirs["onnx_archive"], 1), images(1)[:, None].astype(np.float32)
     module = torch.jit.load(dirs["torchscript_archive"]).eval()
-    runs = {"onnx": lambda: session.run(None, feed), "torchscript": lambda: module(torch.from_numpy(x))}
-    threads = torch.get_num_threads()
+    runs = {"onnx": lambda: session.run(None, {ONNX_INPUT: x}),
+            "torchscript": lambda: module(torch.from_numpy(x))}
+    threads, out = torch.get_num_threads(), {}
     torch.set_num_threads(1)
-    out = {}
     with torch.inference_mode():
         for name, run in runs.items():
-            times = []
-            for i in range(n + 50):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
+            times = [timed(run)[0] for _ in range(n + 50)]  # the first 50 warm up
             out[name] = round(statistics.median(times[50:]) * 1e6)
     torch.set_num_threads(threads)
     return out
 
 
+def interleaved_batch1(started: dict, body: bytes, count: int, warmup: int = 20) -> dict:
+    """name -> batch-1 p50 (ms), errors and server CPU per request (ms) of every server in
+    `started` (name -> (process, URL)), all up at once: `count` sequential requests each on one
+    keep-alive connection a server, the servers taking turns request by request (each turn led
+    by the next server), so that drift in the machine's speed hits every server alike."""
+    names, latencies, errors = list(started), {name: [] for name in started}, Counter()
+    connections = {name: (urlsplit(url), http.client.HTTPConnection(
+        urlsplit(url).hostname, urlsplit(url).port, timeout=60)) for name, (_, url) in started.items()}
+
+    def send(name: str) -> bool:
+        parts, connection = connections[name]
+        try:
+            return post(connection, parts.path, body)[0] == 200
+        except (OSError, http.client.HTTPException):
+            connection.close()  # opened again by the next request
+            return False
+
+    for _ in range(warmup):
+        for name in names:
+            send(name)
+    cpu = {name: server_usage(proc)[0] for name, (proc, _) in started.items()}
+    for i in range(count):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            seconds, ok = timed(send, name)
+            errors[name] += not ok
+            latencies[name].append(seconds)
+    for _, connection in connections.values():
+        connection.close()
+    return {name: {P50: round(percentile(latencies[name], 0.5) * 1000, 3),
+                   f"{P50}: errors": errors[name],
+                   "server CPU per batch-1 request (ms)":
+                       (server_usage(proc)[0] - cpu[name]) / count * 1000}
+            for name, (proc, _) in started.items()}
+
+
 def floor(args, net, tmp: str) -> dict:
     names = ["noop", "torchscript", "onnx", "litserve"]
-    dirs = save_models(tmp, net, ["noop", "torchscript", "onnx"])
+    dirs = save_models(tmp, net, names[:-1])
     env = child_env(MLFLOW_TRACKING_URI=sqlite_store(tmp))
     one_json, many_b64 = Request(json_body(1)), Request(b64_body(64), images=64)
     rounds: dict[str, list[dict]] = {name: [] for name in names}
@@ -237,41 +263,35 @@ def floor(args, net, tmp: str) -> dict:
             started = {}
             for name in names if r % 2 == 0 else names[::-1]:
                 cmd, health, url = server(name, dirs, free_port(), tmp)
-                proc, cold = servers.enter_context(serving(cmd, health, env))
+                proc, seconds = servers.enter_context(serving(cmd, health, env))
                 started[name] = proc, url
-                rounds[name].append({"cold start (s)": cold})
+                rounds[name].append({"cold start (s)": seconds})
 
-            def measure(label: str, figure: str, cpu_label: str | None = None, **load) -> None:
-                """One figure of clients_load's for every server, the servers one after the other."""
-                for name, (proc, url) in started.items():
-                    cpu = server_usage(proc)[0]
-                    got = clients_load(url, **load)
-                    row = rounds[name][-1]
-                    row[label], row[f"{label}: errors"] = got[figure], got["errors"]
-                    if cpu_label:
-                        row[cpu_label] = (server_usage(proc)[0] - cpu) / max(got["requests"], 1) * 1000
-
-            measure(P50, "p50_ms", "server CPU per batch-1 request (ms)", mix=[one_json],
-                    count=args.latency_requests)
-            measure(rate, "requests_per_s", f"{args.clients} clients, server CPU per request (ms)",
-                    mix=[one_json], clients=args.clients, seconds=args.seconds)
-            measure(B64, "images_per_s", mix=[many_b64], seconds=args.seconds)
+            for name, got in interleaved_batch1(started, one_json.body,
+                                                args.latency_requests).items():
+                rounds[name][-1].update(got)
+            for name, (proc, url) in started.items():  # the rest: one server after the other
+                cpu = server_usage(proc)[0]
+                got = clients_load(url, [one_json], args.clients, args.seconds)
+                cpu = (server_usage(proc)[0] - cpu) / max(got["requests"], 1) * 1000
+                rounds[name][-1].update({rate: got["requests_per_s"], f"{rate}: errors": got["errors"],
+                                         f"{args.clients} clients, server CPU per request (ms)": cpu})
+            for name, (_, url) in started.items():
+                got = clients_load(url, [many_b64], seconds=args.seconds)
+                rounds[name][-1].update({B64: got["images_per_s"], f"{B64}: errors": got["errors"]})
         print(f"round {r + 1}/{args.rounds}:", json.dumps({k: v[-1] for k, v in rounds.items()}),
               file=sys.stderr, flush=True)
 
-    def ratio(name: str, key: str, over: str) -> dict:
-        return summary([a[key] / b[key] for a, b in zip(rounds[name], rounds[over])])
-
-    ratios = dict(zip(GOALS, [
-        ratio("onnx", P50, "noop"), ratio("onnx", "cold start (s)", "noop"),
-        ratio("onnx", rate, "noop"), ratio("onnx", B64, "torchscript"),
-        ratio("onnx", "cold start (s)", "litserve"), ratio("onnx", P50, "litserve"),
-        ratio("onnx", rate, "litserve")]))
+    cold = "cold start (s)"
+    ratios = {goal: summary([a[key] / b[key] for a, b in zip(rounds["onnx"], rounds[over])])
+              for goal, (key, over) in zip(GOALS, [  # in the order of GOALS
+                  (P50, "noop"), (cold, "noop"), (rate, "noop"), (B64, "torchscript"),
+                  (cold, "litserve"), (P50, "litserve"), (rate, "litserve")])}
     errors = sum(row[f"{rate}: errors"] for row in rounds["onnx"])
-    verdicts = {goal: "met" if {"<=": got["median"] <= bound, "<": got["median"] < bound,
-                                ">=": got["median"] >= bound, ">": got["median"] > bound}[sense]
+    senses = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
+    verdicts = {goal: "met" if senses[GOALS[goal][0]](got["median"], GOALS[goal][1])
                 and not (goal.endswith("no errors") and errors) else "missed"
-                for goal, got in ratios.items() for sense, bound in [GOALS[goal][:2]]}
+                for goal, got in ratios.items()}
     figures = {name: {key: summary([row[key] for row in got]) for key in got[0]}
                for name, got in rounds.items()}
     startup = seconds_to_run(["mlflow --version", "python -c 'import mlflow.pyfunc.scoring_server'",
@@ -328,7 +348,7 @@ def batch64(args, net, tmp: str) -> dict:
 
 
 def deployable_loaders(net, images_t, calibration, reference, no_onnx: bool, tmp: str) -> dict:
-    """name -> (a function that loads the variant afresh, a note on its build)."""
+    """name -> a function that loads the variant afresh, for every variant that builds."""
     import torch
 
     from lightcycle.lifecycle import export
@@ -359,15 +379,11 @@ def deployable_loaders(net, images_t, calibration, reference, no_onnx: bool, tmp
         return lambda: torch.jit.optimize_for_inference(torch.jit.script(fixed))
 
     def onnx():
-        import onnxruntime
-
         path = os.path.join(tmp, "net.onnx")
         export.save_archive(export.convert(net, "onnx", example), path)
 
         def load():
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
-            session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            session = onnx_session(path, torch.get_num_threads())
             return lambda x: torch.from_numpy(session.run(None, {export.ONNX_INPUT: x.numpy()})[0])
         return load
 
@@ -417,19 +433,10 @@ def deployables(args, net, tmp: str) -> dict:
                          "agreement, shifted copies": round(float(
                              (shifted.argmax(1) == reference.synthetic_logits.argmax(1)).float().mean()), 4)}
         for batch in (1, 64):  # a fresh module per batch size: TorchScript specializes on shapes
-            module, x = load(), images_t[:batch].clone()
-            with torch.inference_mode():
-                for _ in range(20):
-                    module(x)
-            timed[(name, batch)] = (module, x, [])
-    with torch.inference_mode():  # interleaved rounds: load from elsewhere hits all alike
-        for _ in range(args.rounds):
-            for (name, batch), (module, x, rates) in timed.items():
-                n, start = 0, time.perf_counter()
-                while time.perf_counter() - start < args.seconds:
-                    module(x)
-                    n += 1
-                rates.append(n * batch / (time.perf_counter() - start))
+            timed[(name, batch)] = (load(), images_t[:batch].clone(), [])
+    for round_ in range(args.rounds):  # interleaved rounds: load from elsewhere hits all alike
+        for module, x, rates in timed.values():
+            rates.append(images_per_second(module, x, args.seconds, warmup=0 if round_ else 20))
     for (name, batch), (_, _, rates) in timed.items():
         results[name][f"batch-{batch} images/s"] = round(statistics.median(rates))
         if batch == 64 and ("frozen", 64) in timed:
@@ -497,11 +504,10 @@ def run_load(url: str, mix: list[Request], clients: int = 8, seconds: float = 30
 
 
 def load(args) -> dict:
-    class Proc:  # server_usage reads a process group: the server's own, started in its session
-        pid = args.pid
-
+    # server_usage reads a process group: the server's own, started in a session of its own
+    group = SimpleNamespace(pid=args.pid)
     got = run_load(args.url, standard_mix(args.model_uri), args.clients, args.seconds,
-                   rss=(lambda: server_usage(Proc)[1]) if args.pid else None)
+                   rss=(lambda: server_usage(group)[1]) if args.pid else None)
     return report("load_serve", got, (
         ["clients", "requests/s", "images/s", "p50 (ms)", "p99 (ms)", "good", "bad", "problems",
          "RSS after warm-up / at the end (KiB)"],
@@ -514,27 +520,24 @@ VARIANTS = {"floor": floor, "batch64": batch64, "deployables": deployables}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = rounds_parser(__doc__, rounds=3, seconds=3.0)
+    parser = command_line(__doc__, rounds=3)
     parser.add_argument("--variant", choices=[*VARIANTS, "load"], required=True)
+    parser.add_argument("--seconds", type=float, help="a figure's (default 3); load: in all (30)")
     parser.add_argument("--train-epochs", type=int, default=3, help="the cnn's (0: untrained)")
-    parser.add_argument("--epochs", type=int, help="deployables: train epochs (default 8)")
+    parser.add_argument("--epochs", type=int, default=8, help="deployables: train epochs")
     parser.add_argument("--latency-requests", type=int, default=400)
-    parser.add_argument("--clients", type=int, default=None, help="floor: 32; load: 8")
+    parser.add_argument("--clients", type=int, help="floor: 32; load: 8")
     parser.add_argument("--no-onnx", action="store_true", help="deployables: leave onnx out")
     parser.add_argument("--url", help="load: the running server")
     parser.add_argument("--model-uri", default="models:/lightcycle-fashion-scripted@champion")
     parser.add_argument("--pid", type=int, help="load: the server's pid (a session leader), for RSS")
-    parser.set_defaults(seconds=None)  # 3 a figure; load: 30 in all
     args = parser.parse_args(argv)
-    if args.variant == "load":
-        args.clients, args.seconds = args.clients or 8, args.seconds or 30
+    is_load = args.variant == "load"
+    args.clients, args.seconds = args.clients or (8 if is_load else 32), args.seconds or (30 if is_load else 3)
+    if is_load:
         return load(args)
-    args.clients, args.seconds = args.clients or 32, args.seconds or 3.0
-    if args.variant == "deployables":
-        args.epochs = 8 if args.epochs is None else args.epochs
-        net = trained_cnn(args.epochs, seed=42)
-    else:
-        net = trained_cnn(args.train_epochs)
+    net = (trained_cnn(args.epochs, seed=42) if args.variant == "deployables"
+           else trained_cnn(args.train_epochs))
     with tempfile.TemporaryDirectory(prefix=f"bench-served-{args.variant}-") as tmp:
         return VARIANTS[args.variant](args, net, tmp)
 

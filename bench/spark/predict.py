@@ -10,12 +10,8 @@ started once, before the timed runs; its start-up is reported on its own (`spark
 since a cluster job pays it once per job. Each engine gets one untimed warm-up on 1,000 images.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -23,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.common import report
+from bench.common import command_line, report, timed
 from lightcycle.lifecycle import export
 from lightcycle.model import data
 from lightcycle.model.nets import build_net
@@ -42,7 +38,7 @@ def synthetic(n: int) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--sizes", default="10000,60000")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -59,21 +55,16 @@ def main(argv: list[str] | None = None) -> dict:
         for n in [1000, *sizes]:
             synthetic(n).to_parquet(tmp / f"{n}.parquet")
 
-        start = time.perf_counter()
-        spark = spark_scoring.spark_session("local[2]")
-        figures["spark_session_s"] = round(time.perf_counter() - start, 1)
+        seconds, spark = timed(spark_scoring.spark_session, "local[2]")
+        figures["spark_session_s"] = round(seconds, 1)
         figures["spark"] = f"pyspark {spark.version}, {spark.sparkContext.master}"
 
         batch_predict(model_dir, tmp / "1000.parquet", tmp / "warm.csv")
         spark_scoring.score(spark, model_dir, str(tmp / "1000.parquet"), str(tmp / "warm"))
         for n in sizes:
-            start = time.perf_counter()
-            batch_predict(model_dir, tmp / f"{n}.parquet", tmp / f"{n}.csv")
-            local_s = time.perf_counter() - start
-            start = time.perf_counter()
-            result = spark_scoring.score(spark, model_dir, str(tmp / f"{n}.parquet"),
-                                         str(tmp / f"{n}-spark"))
-            spark_s = time.perf_counter() - start
+            local_s = timed(batch_predict, model_dir, tmp / f"{n}.parquet", tmp / f"{n}.csv")[0]
+            spark_s, result = timed(spark_scoring.score, spark, model_dir, str(tmp / f"{n}.parquet"),
+                                    str(tmp / f"{n}-spark"))
             assert result.images == n
             figures[f"images_{n}"] = {
                 "local_s": round(local_s, 2), "local_images_per_s": round(n / local_s),

@@ -11,15 +11,11 @@ TorchDistributor run of a function that only returns (`noop_distributor_s`: two 
 each starting torchrun and one Python process).
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import sys
 import tempfile
-import time
 
-from bench.common import child_env, report, sqlite_store, timed_run
+from bench.common import child_env, command_line, report, sqlite_store, timed, timed_run
 
 ENGINES = {
     "ddp_devices2": ["--devices", "2", "--strategy", "ddp"],
@@ -38,9 +34,8 @@ def train(args: list[str], env: dict[str, str]) -> tuple[float, str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__, rounds=1)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args(argv)
     import mlflow
 
@@ -63,12 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
         from lightcycle.spark import spark_session
         from pyspark.ml.torch.distributor import TorchDistributor
 
-        start = time.perf_counter()
-        spark = spark_session("local[2]", app="bench")
-        figures["session_s"] = round(time.perf_counter() - start, 1)
-        start = time.perf_counter()
-        TorchDistributor(num_processes=2, local_mode=False, use_gpu=False).run(_noop)
-        figures["noop_distributor_s"] = round(time.perf_counter() - start, 1)
+        seconds, spark = timed(spark_session, "local[2]", app="bench")
+        figures["session_s"] = round(seconds, 1)
+        figures["noop_distributor_s"] = round(timed(TorchDistributor(
+            num_processes=2, local_mode=False, use_gpu=False).run, _noop)[0], 1)
         spark.stop()
     ratios = {key: round(sum(r[key] for r in figures["spark_local2"])
                          / sum(r[key] for r in figures["ddp_devices2"]), 2) for key in ("wall_s", "fit_s")}

@@ -8,20 +8,17 @@ artifacts, then sums the bytes under checkpoints/ on the server's disk: what aut
 Writes bench/results/checkpoint_retention_<model>_<epochs>.json.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import re
 import tempfile
 from pathlib import Path
 
-from bench.common import ROOT, child_env, free_port, report, serving, timed_run
+from bench.common import ROOT, child_env, command_line, free_port, report, serving, timed_run
 from lightcycle.operations.tracking_server import mlflow_server_command
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("epochs", type=int, nargs="?", default=40, help="default: 40")
     parser.add_argument("model", nargs="?", default="cnn", help="default: cnn")
     args = parser.parse_args(argv)

@@ -7,9 +7,6 @@ AdamW + OneCycle, per-epoch validation; Lightning side without MLflow (its overh
 measured separately by bench.chain.log_model). First epoch is warm-up and not counted.
 """
 
-from __future__ import annotations
-
-import argparse
 import statistics
 import tempfile
 import time
@@ -18,7 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from bench.common import plain_cnn_epochs, report
+from bench.common import command_line, plain_cnn_epochs, report
 from lightcycle.model import data
 from lightcycle.model.classifier import FashionClassifier
 from lightcycle.model.datamodule import FashionMNISTDataModule
@@ -61,9 +58,8 @@ def plain_epochs(epochs: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__, rounds=5)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     # Alternate the two, round after round, so that neither pays alone for the process warming
     # up or for a neighbour's burst on this shared VM; the first epoch of each fit is warm-up.

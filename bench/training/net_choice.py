@@ -1,7 +1,7 @@
 """Is there a cheaper net with the same accuracy? Candidates beside today's `cnn`.
 
     PATH=.venv/bin:$PATH python -m bench.training.net_choice [--epochs 15] [--seeds 0 1 2]
-        [--seconds 2] [--rounds 2] [--candidates cnn stem16 ...]
+        [--seconds 2] [--rounds 2] [--candidates cnn cnn_before]
 
 Each candidate is the `cnn` layout (conv blocks, 2x2 max-pool, conv blocks, 2x2 max-pool, 3x3
 pooled head) with other widths or fewer 28x28 convs. Each is trained with the project's recipe
@@ -12,16 +12,13 @@ eager, and the int8 and float TorchScript deployables exactly as `publish` build
 deployable, interleaved rounds over all candidates (medians), on the first seed's nets.
 """
 
-from __future__ import annotations
-
 import statistics
-import time
 import warnings
 
 import torch
 from torch import nn
 
-from bench.common import images_per_second, report, rounds_parser, trained_cnn
+from bench.common import command_line, images_per_second, report, timed, trained_cnn
 from lightcycle.lifecycle import export
 from lightcycle.model import data
 from lightcycle.model.nets import CNN, NUM_CLASSES, Normalize, _conv_block
@@ -29,41 +26,28 @@ from lightcycle.model.nets import CNN, NUM_CLASSES, Normalize, _conv_block
 warnings.simplefilter("ignore")
 
 
-class CandidateCNN(nn.Module):
-    """`cnn`'s layout, with `stage1`/`stage2` channels and convs per stage as given."""
+class CNNBefore(nn.Module):
+    """The default `cnn` until 2026-11-26: two 32-channel convs at 28x28 where today's has one of
+    16, then the same two 64-channel convs at 14x14 and the same head."""
 
-    def __init__(self, stage1: int, stage2: int, stage1_convs: int = 2, stage2_convs: int = 2,
-                 dropout: float = 0.25) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.normalize = Normalize()
-        layers: list[nn.Module] = []
-        channels = 1
-        for width, convs in ((stage1, stage1_convs), (stage2, stage2_convs)):
-            for _ in range(convs):
-                layers.append(_conv_block(channels, width))
-                channels = width
-            layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Dropout(dropout),
-                                  nn.Linear(channels * 9, NUM_CLASSES))
+        self.features = nn.Sequential(_conv_block(1, 32), _conv_block(32, 32), nn.MaxPool2d(2),
+                                      _conv_block(32, 64), _conv_block(64, 64), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Dropout(0.25),
+                                  nn.Linear(64 * 9, NUM_CLASSES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(self.normalize(x)))
 
 
-CANDIDATES = {
-    "cnn": CNN,  # the default: 16 channels @28x28 (one conv), then 64, 64 @14x14
-    "cnn_before": lambda: CandidateCNN(32, 64),  # the default until 2026-11-26: 32, 32 @28x28
-}
-
-
-def train(name: str, epochs: int, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return trained_cnn(epochs, seed, net=CANDIDATES[name]())
+CANDIDATES = {"cnn": CNN,  # the default: 16 channels @28x28 (one conv), then 64, 64 @14x14
+              "cnn_before": CNNBefore}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = rounds_parser(__doc__, rounds=2, seconds=2.0)
+    parser = command_line(__doc__, rounds=2, seconds=2.0)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
@@ -75,9 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.candidates:
         rows = []
         for seed in args.seeds:
-            start = time.perf_counter()
-            net = train(name, args.epochs, seed)
-            train_s = time.perf_counter() - start
+            train_s, net = timed(trained_cnn, args.epochs, seed, CANDIDATES[name])
             int8 = export.convert_and_check(net, "quantize", data_dir)
             fp32 = export.convert_and_check(net, "script", data_dir)
             rows.append({"seed": seed, "train_s": round(train_s, 1),
@@ -98,12 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
         }
 
     speeds: dict[tuple[str, str], list[float]] = {}
-    with torch.inference_mode():
-        for _ in range(args.rounds):
-            for name, modules in deployables.items():
-                for kind, module in modules.items():
-                    speeds.setdefault((name, kind), []).append(
-                        images_per_second(module, x, args.seconds))
+    for _ in range(args.rounds):  # interleaved, so load from elsewhere hits all alike
+        for name, modules in deployables.items():
+            for kind, module in modules.items():
+                speeds.setdefault((name, kind), []).append(images_per_second(module, x, args.seconds))
     for (name, kind), values in speeds.items():
         results[name][f"{kind}_batch64_images_per_s"] = round(statistics.median(values))
         print(name, kind, round(statistics.median(values)), flush=True)

@@ -10,9 +10,6 @@ every process), then with OMP_NUM_THREADS = cores / processes. Reports the media
 scoring server.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import re
 import statistics
@@ -20,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.common import ROOT, child_env, report, sqlite_store
+from bench.common import ROOT, child_env, command_line, report, sqlite_store
 
 EPOCH_LINE = re.compile(r"^epoch \d+/\d+ .*\(([\d.]+)s\)$", re.M)
 
@@ -45,7 +42,7 @@ def epoch_seconds(processes: int, epochs: int, threads: int | None) -> list[floa
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args(argv)
