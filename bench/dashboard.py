@@ -1,7 +1,7 @@
 """The benchmarks that fit in 15 minutes on a 2-core machine, their tables under their areas
 (`make bench`).
 
-    PATH=.venv/bin:$PATH python -m bench.dashboard [--only serving,chain.chain] [--list]
+    PATH=.venv/bin:$PATH python -m bench.dashboard [--only serving,chain.chain]
 
 Each benchmark runs as `python -m bench.<area>.<name>` with short settings, from the repository
 root, under its own time limit; its output goes to bench/results/<results>.log. The dashboard
@@ -46,10 +46,6 @@ class Benchmark:
     def command(self) -> str:
         return shlex.join(["python", "-m", f"bench.{self.module}", *self.args])
 
-    @property
-    def log(self) -> str:
-        return f"bench/results/{self.results}.log"
-
 
 # In the order of AREAS; together about 13.5 minutes. Each estimate, from the settings and what
 # BENCHMARKS.md measured: imports and start-ups first, since on 2 cores they cost more than the
@@ -72,7 +68,7 @@ BENCHMARKS = (
               "served_floor", 150),
     # 2 epochs, 9 variants built and checked (most of it), 2 rounds of 18 x 0.5 s.
     Benchmark("serving.served", ("--variant", "deployables", "--epochs", "2", "--rounds", "2",
-                                 "--seconds", "0.5", "--no-onnx"), "deployables", 120),
+                                 "--seconds", "0.5"), "deployables", 120),
     # The Spark session (20-40 s), then 1,000 images (warm-up) and 5,000 by each engine.
     Benchmark("spark.predict", ("--sizes", "5000"), "spark", 120),
     # `main` at 1 epoch on the sample (about 40 s), a `serve` start, 2 x (3 + 3) s of load.
@@ -85,47 +81,34 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def progress(line: str) -> None:
-    print(f"[bench] {line}", file=sys.stderr, flush=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Ctrl-C the benchmark's process group, so that its `finally` blocks stop the servers it
-    started in sessions of their own; then kill what is left of the group, after GRACE_S at most."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGINT)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(GRACE_S)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def run(benchmark: Benchmark) -> tuple[str | None, float]:
     """Runs one benchmark under twice its estimate and a minute: (None, or what went wrong in
-    a line; seconds)."""
+    a line; seconds). Asked to stop, it gets Ctrl-C first, so that its `finally` blocks stop the
+    servers it started in sessions of their own, and GRACE_S before the rest of its group dies."""
     RESULTS.mkdir(exist_ok=True)
     start, timeout = time.time(), 2 * benchmark.estimate_s + 60
-    with (ROOT / benchmark.log).open("w") as out:
+    with (RESULTS / f"{benchmark.results}.log").open("w") as out:
         # A session of its own: stopping its group must not stop this process.
         proc = subprocess.Popen([sys.executable, "-m", f"bench.{benchmark.module}",
                                  *benchmark.args], cwd=ROOT, env=child_env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            stop(proc)
-            return f"out of time: stopped after {timeout} s", time.time() - start
-        except KeyboardInterrupt:
-            stop(proc)
-            raise
-    seconds = time.time() - start
-    if code != 0:
-        return f"failed with exit status {code}", seconds
+            code, problem = proc.wait(timeout), None
+        except (subprocess.TimeoutExpired, KeyboardInterrupt) as stopped:
+            for sig, grace in ((signal.SIGINT, GRACE_S), (signal.SIGKILL, None)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(grace)
+            if isinstance(stopped, KeyboardInterrupt):
+                raise
+            code, problem = None, f"out of time: stopped after {timeout} s"
     saved = RESULTS / f"{benchmark.results}.json"
-    if not saved.exists() or saved.stat().st_mtime < start:
-        return f"exited 0 but wrote no {saved.relative_to(ROOT)}", seconds
-    return None, seconds
+    if code not in (0, None):
+        problem = f"failed with exit status {code}"
+    elif code == 0 and (not saved.exists() or saved.stat().st_mtime < start):
+        problem = f"exited 0 but wrote no {saved.relative_to(ROOT)}"
+    return problem, time.time() - start
 
 
 def section(benchmark: Benchmark, seconds: float, result: dict | None = None,
@@ -138,7 +121,8 @@ def section(benchmark: Benchmark, seconds: float, result: dict | None = None,
              f"    {benchmark.command}", ""]
     if problem:
         return "\n".join([*lines, f"**{problem}** ({minutes(seconds)}); the end of "
-                                   f"{benchmark.log}:", "", *(f"    {line}" for line in log_tail)])
+                                   f"bench/results/{benchmark.results}.log:", "",
+                          *(f"    {line}" for line in log_tail)])
     tables = [markdown_table(t["header"], t["rows"]) for t in result["tables"]]
     return "\n".join(lines + [f"{result['machine']}; took {minutes(seconds)}", "",
                                "\n\n".join(tables)])
@@ -159,31 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = command_line(__doc__)
     parser.add_argument("--only", help="comma-separated areas or benchmarks, e.g. "
                                        "serving,chain.chain")
-    parser.add_argument("--list", action="store_true", help="print what would run, run nothing")
-    args = parser.parse_args(argv)
-    benchmarks = chosen(args.only)
-    total = sum(b.estimate_s for b in benchmarks)
-    count = f"{len(benchmarks)} benchmark{'s' if len(benchmarks) != 1 else ''}"
-    if args.list:
-        for b in benchmarks:
-            print(f"{b.module:32} est. {minutes(b.estimate_s):>8}   {b.command}")
-        print(f"{count}, about {minutes(total)} on a quiet 2-core machine")
-        return 0
-
-    progress(f"{count}, about {minutes(total)} on a quiet 2-core machine; "
-             "logs in bench/results/")
+    benchmarks = chosen(parser.parse_args(argv).only)
+    print(f"[bench] {len(benchmarks)} benchmark(s), about "
+          f"{minutes(sum(b.estimate_s for b in benchmarks))} on a quiet 2-core machine; logs in "
+          "bench/results/", file=sys.stderr, flush=True)
     print(f"# Benchmarks ({time.strftime('%Y-%m-%d %H:%M')}, `make bench`)")
     failed, area, started = [], None, time.time()
     for i, benchmark in enumerate(benchmarks, 1):
-        progress(f"{i}/{len(benchmarks)} {benchmark.module} "
-                 f"(est. {minutes(benchmark.estimate_s)}) ...")
         problem, seconds = run(benchmark)
-        progress(f"{i}/{len(benchmarks)} {benchmark.module}: "
-                 + (f"{problem} ({minutes(seconds)})" if problem
-                    else f"done in {minutes(seconds)}"))
+        print(f"[bench] {i}/{len(benchmarks)} {benchmark.module}: {problem or 'done'} "
+              f"({minutes(seconds)})", file=sys.stderr, flush=True)
         if problem:
             failed.append(benchmark.module)
-            tail = (ROOT / benchmark.log).read_text().rstrip().splitlines()[-5:]
+            tail = (RESULTS / f"{benchmark.results}.log").read_text().rstrip().splitlines()[-5:]
             text = section(benchmark, seconds, problem=problem, log_tail=tail)
         else:
             text = section(benchmark, seconds,
@@ -192,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             area = benchmark.area
             print(f"\n## {AREAS[area]}")
         print(f"\n{text}", flush=True)
-    summary = (f"{count} in {minutes(time.time() - started)}"
+    summary = (f"{len(benchmarks)} benchmark(s) in {minutes(time.time() - started)}"
                + (f"; failed or out of time: {', '.join(failed)}" if failed else ""))
-    progress(summary)
     print(f"\n{summary}")
+    print(f"[bench] {summary}", file=sys.stderr)
     return 1 if failed else 0
 
 

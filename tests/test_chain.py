@@ -343,14 +343,23 @@ def test_failed_step_then_rerun_reuses_finished_steps(chain, tracking_uri):
 
 @pytest.mark.backends("sqlite")  # the artifact store, not the database, is what matters here
 def test_cache_miss_when_artifacts_were_deleted(tracking_uri, experiment, model_name, tracking_server):
+    """A finished `train` run whose logged model is gone is not reused: `main` trains again."""
     params = {"epochs": 1, "model_name": model_name, "min_accuracy": 0.1}
-    check(mlflow_run("main", params, experiment))
+    check(mlflow_run("train", {"epochs": 1}, experiment))
     train = runs_of(experiment, "train", "FINISHED")[0]
+
+    def cached():  # what main's train step looks up, with main's effective train parameters
+        return step_cache.find_cached_run(
+            MlflowClient(), experiment, "train", {"epochs": 1},
+            train.data.tags["lightcycle.code_version"], train.data.tags["lightcycle.data_digest"])
+
+    assert cached().info.run_id == train.info.run_id  # main would reuse it as it stands
     model_id = train.data.tags["lightcycle.output_uri"].removeprefix("models:/")
     stored = [p for p in tracking_server.artifacts.rglob(model_id) if p.is_dir()]
     assert stored, "logged model files not found under the server's artifact store"
     for path in stored:
         shutil.rmtree(path)
+    assert cached() is None
     result = check(mlflow_run("main", params, experiment))
     assert "train: starting" in result.stdout
     assert len(runs_of(experiment, "train", "FINISHED")) == 2

@@ -4,7 +4,7 @@
         [--latency-requests 400] [--clients 32] [--train-epochs 0]
     PATH=.venv/bin:$PATH python -m bench.serving.served --variant batch64 [--rounds 3] [--seconds 3]
     PATH=.venv/bin:$PATH python -m bench.serving.served --variant deployables [--epochs 8]
-        [--rounds 3] [--seconds 3] [--no-onnx]
+        [--rounds 3] [--seconds 3]
     PATH=.venv/bin:$PATH python -m bench.serving.served --variant load --url http://127.0.0.1:5001
         [--clients 8] [--seconds 30] [--model-uri models:/lightcycle-fashion-scripted@champion]
         [--pid <server pid>]
@@ -347,7 +347,7 @@ def batch64(args, net, tmp: str) -> dict:
                    table))
 
 
-def deployable_loaders(net, images_t, calibration, reference, no_onnx: bool, tmp: str) -> dict:
+def deployable_loaders(net, images_t, calibration, reference) -> dict:
     """name -> a function that loads the variant afresh, for every variant that builds."""
     import torch
 
@@ -378,15 +378,6 @@ def deployable_loaders(net, images_t, calibration, reference, no_onnx: bool, tmp
         fixed.head[0] = torch.nn.AvgPool2d(3, 2)
         return lambda: torch.jit.optimize_for_inference(torch.jit.script(fixed))
 
-    def onnx():
-        path = os.path.join(tmp, "net.onnx")
-        export.save_archive(export.convert(net, "onnx", example), path)
-
-        def load():
-            session = onnx_session(path, torch.get_num_threads())
-            return lambda x: torch.from_numpy(session.run(None, {export.ONNX_INPUT: x.numpy()})[0])
-        return load
-
     example = images_t[:2]
     makers = {"eager": lambda: lambda: net, "scripted": lambda: jit(torch.jit.script(net)),
               "frozen": lambda: jit(torch.jit.freeze(torch.jit.script(net))),
@@ -394,8 +385,6 @@ def deployable_loaders(net, images_t, calibration, reference, no_onnx: bool, tmp
               "pt2": lambda: pt2(export.roundtrip_program(torch.export.export(net, (example,),
                   dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=export.MAX_BATCH)},)))),
               "pt2_channels_last": lambda: chain("export"), "int8": lambda: chain("quantize")}
-    if not no_onnx:
-        makers["onnx"] = onnx
     loaders = {}
     for name, make in makers.items():
         try:
@@ -418,8 +407,7 @@ def deployables(args, net, tmp: str) -> dict:
     synthetic = export.synthetic_images(images_t)
     reference = export.Reference(images_t, predict_logits(net, images_t), test.labels, synthetic,
                                  predict_logits(net, synthetic))
-    loaders = deployable_loaders(net, images_t, calibration[:export.CALIBRATION_IMAGES], reference,
-                                 args.no_onnx, tmp)
+    loaders = deployable_loaders(net, images_t, calibration[:export.CALIBRATION_IMAGES], reference)
     results, timed = {}, {}
     for name, load in loaders.items():
         try:
@@ -527,7 +515,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=8, help="deployables: train epochs")
     parser.add_argument("--latency-requests", type=int, default=400)
     parser.add_argument("--clients", type=int, help="floor: 32; load: 8")
-    parser.add_argument("--no-onnx", action="store_true", help="deployables: leave onnx out")
     parser.add_argument("--url", help="load: the running server")
     parser.add_argument("--model-uri", default="models:/lightcycle-fashion-scripted@champion")
     parser.add_argument("--pid", type=int, help="load: the server's pid (a session leader), for RSS")
