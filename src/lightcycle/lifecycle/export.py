@@ -7,7 +7,7 @@ on every held-out image is never logged.
 
 Conv nets are converted with their weights in channels_last (NHWC) memory format: oneDNN's
 convolutions run about 1.5-1.9x faster that way on x86 CPUs, with float32 results equal to
-eager within 1e-5 (bench/serving/deployable.py).
+eager within 1e-5 (`python -m bench.serving.served --variant deployables`).
 
 A third method, `quantize`, makes an int8 TorchScript deployable (post-training static
 quantization, x86 backend, calibrated on training images; the first conv and the linear head

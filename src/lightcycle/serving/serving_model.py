@@ -196,7 +196,7 @@ def _install_response_writer() -> None:
 
     The server writes every answer with `json.dump(..., stream)`, which takes Python's
     pure-Python encoder (only `dumps` takes the C one): for a batch of 64, about 0.5 ms of a
-    7.6 ms request in process (BENCHMARKS.md, Serving). `dumps` with the same encoder class
+    7.6 ms request in process on a 2-core VM. `dumps` with the same encoder class
     writes the same bytes. Only this wrapper's records take that path; anything else (another
     model's output, metadata) goes to MLflow's writer as is."""
 
