@@ -610,6 +610,7 @@ def test_load_8_clients_30s_mixed_requests_no_5xx_correct_answers_flat_memory(se
     assert result["kinds"]["good"] > 0 and result["kinds"]["bad"] > 0
     # transport errors, 5xx, wrong answers and bad requests answered other than 4xx, all none
     assert result["problems"] == {}, result["examples"]
+    assert result["rss_after_warmup_kib"] > 0  # the server's process group was found
     assert result["rss_end_kib"] <= 1.10 * result["rss_after_warmup_kib"], (
         result["rss_after_warmup_kib"], result["rss_end_kib"])
 
