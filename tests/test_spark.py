@@ -350,22 +350,26 @@ def test_engine_spark_train_resumes_when_main_reruns_after_the_step_is_killed(
     try:
         train = faults.poll(lambda: faults.step_run(experiment, "train", "RUNNING"), 300,
                             "the train run")
-        faults.poll(lambda: faults.checkpoint_epochs(client, train.info.run_id), 600,
-                    "the first checkpoint")
+        # Found before the first checkpoint, so that the kill follows it within one poll and
+        # lands before the last epoch: a kill after it would leave nothing to resume.
         (driver,) = faults.poll(lambda: [p for p in faults.descendants(first.pid)
                                          if faults.argv(p)[1:2] == ["steps/train.py"]],
                                 30, "the step's process (the Spark driver)")
+        faults.poll(lambda: faults.checkpoint_epochs(client, train.info.run_id), 600,
+                    "the first checkpoint", interval=0.05)
         os.kill(driver, signal.SIGKILL)
     finally:
         returncode, output = faults.finish(first, log)
     assert returncode != 0, output[-3000:]
     killed = client.get_run(train.info.run_id)
     assert killed.info.status in ("FAILED", "KILLED")
-    saved = faults.checkpoint_epochs(client, killed.info.run_id)
     # No rank outlives the driver: none still holds the killed run.
     marker = f"MLFLOW_RUN_ID={killed.info.run_id}".encode()
     faults.poll(lambda: not [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
                              if marker in faults.environ(p)], 60, "the ranks to exit")
+    # Read once no rank is left to upload another one.
+    saved = faults.checkpoint_epochs(client, killed.info.run_id)
+    assert saved[-1] < 2, f"the kill came after the last epoch's checkpoint: {saved}"
 
     rerun = check(mlflow_run("main", {**params, "model_name": model_name, "min_accuracy": 0.1},
                              experiment))
