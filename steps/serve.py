@@ -1,9 +1,10 @@
-"""Entry point `serve`: run `mlflow models serve` on the champion (or a named version)."""
+"""Entry point `serve`: run `mlflow models serve` on the champion (or a named version); with
+follow=true, serve the alias and move to each version it comes to name."""
 
 import argparse
 
 from lightcycle import defaults
-from lightcycle.cli import integer, run_step, text
+from lightcycle.cli import boolean, integer, run_step, text
 
 
 def main(argv=None):
@@ -12,6 +13,9 @@ def main(argv=None):
     parser.add_argument("--host", type=text, default=defaults.SERVE["host"])
     parser.add_argument("--port", type=integer, default=defaults.SERVE["port"])
     parser.add_argument("--workers", type=integer, default=defaults.SERVE["workers"])
+    parser.add_argument("--follow", type=boolean, default=defaults.SERVE["follow"])
+    parser.add_argument("--poll_seconds", type=integer, default=defaults.SERVE["poll_seconds"])
+    parser.add_argument("--webhook_port", type=integer, default=defaults.SERVE["webhook_port"])
     args = parser.parse_args(argv)
 
     from lightcycle.lifecycle import connection, tracking
@@ -19,7 +23,11 @@ def main(argv=None):
 
     connection.check_tracking_server()
     tracking.label_step_run("serve")
-    scoring_server.exec_server(args.model_uri, args.host, args.port, args.workers)
+    if args.follow:
+        scoring_server.follow(args.model_uri, args.host, args.port, args.workers,
+                              args.poll_seconds, args.webhook_port)
+    else:
+        scoring_server.exec_server(args.model_uri, args.host, args.port, args.workers)
 
 
 if __name__ == "__main__":

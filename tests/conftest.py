@@ -328,7 +328,11 @@ LONGEST_GROUPS_FIRST = (
 def pytest_itemcollected(item):
     marker = item.get_closest_marker("xdist_group")
     group = marker.args[0] if marker else item.module.__name__.rsplit(".", 1)[-1]
-    backend = item.callspec.params.get("backend_server") if hasattr(item, "callspec") else None
+    # A test on a backend: the session servers' `backend_server`, or a module's own fixture
+    # parametrized by BACKENDS (test_follow's servers that it restarts).
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    backend = params.get("backend_server") or next(
+        (value for value in params.values() if isinstance(value, str) and value in BACKENDS), None)
     if backend:
         group = f"{group}-{backend}"
         item.own_markers[:] = [m for m in item.own_markers if m.name != "xdist_group"]

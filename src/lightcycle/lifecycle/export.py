@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import tempfile
 import warnings
@@ -448,15 +449,42 @@ def publish(
 UVICORN_REQUIREMENT = "uvicorn>=0.55.0"
 
 
+SERVING_REFERENCE = "serving_reference"
+SERVING_REFERENCE_ATOL = 1e-4
+
+
+def write_serving_reference(archive: str, artifact: str) -> str:
+    """What the archive answers for the logged input example, beside the archive: the reference
+    `serve -P follow=true` checks a new champion's server against before it takes traffic."""
+    pixels = torch.from_numpy(model_io.input_example())
+    if artifact == "onnx":
+        logits = onnx_logits(Path(archive).read_bytes(), pixels)
+    else:
+        module = (torch.export.load(archive).module() if artifact == "pt2"
+                  else torch.jit.load(archive, map_location="cpu").eval())
+        with torch.inference_mode():
+            logits = module(pixels)
+    probabilities = torch.softmax(logits.float(), dim=1)
+    path = Path(archive).with_name(f"{SERVING_REFERENCE}.json")
+    path.write_text(json.dumps({
+        "class_id": probabilities.argmax(dim=1).tolist(),
+        "probabilities": probabilities.double().tolist(),
+        "atol": SERVING_REFERENCE_ATOL,
+    }))
+    return str(path)
+
+
 def deployable_model_kwargs(archive: str, artifact: str) -> dict:
     """The pyfunc around a converted archive; `artifact` names its format for the loader. An
-    onnx deployable requires onnxruntime instead of torch."""
+    onnx deployable requires onnxruntime instead of torch. Its `serving_reference` artifact is
+    the answer to its input example, written here from the archive."""
     runtime = ([f"onnxruntime=={model_io.package_version('onnxruntime')}",
                 f"numpy=={model_io.package_version('numpy')}"] if artifact == "onnx"
                else model_io.torch_requirements())
     return dict(
         python_model=str(SERVING_MODEL_CODE),
-        artifacts={artifact: archive},
+        artifacts={artifact: archive,
+                   SERVING_REFERENCE: write_serving_reference(archive, artifact)},
         model_config={"class_names": list(data.CLASS_NAMES), "max_batch": MAX_BATCH},
         signature=model_io.deployable_signature(),
         input_example=model_io.input_example(),

@@ -105,6 +105,12 @@ def not_found(exc: MlflowException) -> bool:
     )
 
 
+def alias_of(model_uri: str) -> tuple[str, str] | None:
+    """(name, alias) of `models:/<name>@<alias>`; None for any other URI."""
+    match = _MODELS_URI.match(model_uri.strip())
+    return (match["name"], match["alias"]) if match and match["alias"] else None
+
+
 def resolve(model_uri: str, client: MlflowClient | None = None) -> ModelRef:
     """Turn `models:/<name>/<version>` or `models:/<name>@<alias>` into a concrete version.
 
