@@ -10,6 +10,7 @@ as a user types it, serves all the tests of a backend in order; its log is what 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -102,6 +103,12 @@ def registry(request, tmp_path_factory):
         env.update(cluster.env())
     else:
         store_uri = f"sqlite:///{root / 'mlflow.db'}"
+    with _registry(root, store_uri, env) as registry:
+        yield registry
+
+
+@contextlib.contextmanager
+def _registry(root: Path, store_uri: str, env: dict[str, str]):
     registry = Registry(start_tracking_server(root, backend_uri=store_uri, env=env), store_uri, env)
     try:
         client = registry.client
@@ -316,3 +323,25 @@ def test_stopping_deletes_the_webhook_and_the_scoring_processes(registry, follow
         time.sleep(0.1)
     assert not [pid for pid in descendants if _running(pid)], "scoring processes left running"
     assert f"webhook {webhooks[0].webhook_id} deleted" in follower.printed()
+
+
+def test_a_server_that_sends_no_webhooks_is_polled(tmp_path):
+    """MLflow's defaults: no webhook to an http or loopback receiver. The step says so, polls,
+    and the move reaches the server within poll_seconds + 10 s with no failed request."""
+    with _registry(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", {}) as registry:
+        follower = Follower(registry, tmp_path / "serve.log")
+        try:
+            follower.wait_for(f"polling models:/{NAME}@champion every {POLL_SECONDS} s", timeout=30)
+            assert "the tracking server takes no webhook" in follower.printed()
+            with Load(follower.url) as load:
+                time.sleep(1)
+                moved = registry.move("champion", "2")
+                switched = load.first_answer_of("2", timeout=POLL_SECONDS + 10) - moved
+                follower.wait_for("version 1 stopped", timeout=30)
+                load.finish()
+            assert "moved from version 1 to 2 (seen by poll)" in follower.printed()
+            assert not registry.client.list_webhooks()
+            print(f"poll only ({POLL_SECONDS} s): alias move -> first answer of the new version "
+                  f"{switched:.2f} s; {load.sent} requests, 0 failed")
+        finally:
+            stop_process(follower.proc, timeout=60)
