@@ -85,6 +85,10 @@ RUN --mount=type=bind,source=docker,target=/tmp/docker \
         "$site/onnxruntime/tools" "$site/onnxruntime/transformers" "$site/onnxruntime/quantization"
 
 ENV LIGHTCYCLE_DEFAULT_MODEL_URI=models:/lightcycle-fashion-onnx@champion
+# lightcycle's own code, for FOLLOW=1 only (serving/follow.py and what it imports: the standard
+# library, mlflow-skinny, numpy). Last, so that a code change rebuilds this layer alone.
+COPY src/lightcycle /opt/lightcycle/lightcycle
+ENV PYTHONPATH=/opt/lightcycle
 USER 10001:10001
 
 # ---------------------------------------------------------------- torch: the default target
@@ -111,4 +115,8 @@ RUN --mount=type=bind,source=docker,target=/tmp/docker \
  && find "$torch_dir/bin" -type f \( -name 'test_*' -o -name '*Test' -o -name 'protoc*' \) -delete
 
 ENV LIGHTCYCLE_DEFAULT_MODEL_URI=models:/lightcycle-fashion-scripted@champion
+# lightcycle's own code, for FOLLOW=1 only (serving/follow.py and what it imports: the standard
+# library, mlflow-skinny, numpy). Last, so that a code change rebuilds this layer alone.
+COPY src/lightcycle /opt/lightcycle/lightcycle
+ENV PYTHONPATH=/opt/lightcycle
 USER 10001:10001

@@ -15,11 +15,18 @@
 #   MLFLOW_MODELS_WORKERS  uvicorn workers, default 1 (measure before raising it); with more,
 #                            each gets cores / workers torch (or ONNX Runtime) threads unless
 #                            LIGHTCYCLE_TORCH_THREADS or OMP_NUM_THREADS is set.
+#   FOLLOW=1               follow the alias MODEL_URI names (models:/<name>@<alias>): each
+#                            version it moves to is started beside the serving one, checked and
+#                            only then given the traffic (docs/serving.md, "Following the
+#                            champion"); the same as `mlflow run . -e serve -P follow=true`.
+#                            With it: POLL_SECONDS (10), WEBHOOK_PORT (5002, 0 to only poll) and
+#                            WEBHOOK_URL (where the tracking server reaches WEBHOOK_PORT, e.g.
+#                            http://serving-host:5002/; default http://<hostname>:WEBHOOK_PORT/).
 # Extra arguments are passed on to `mlflow models serve` (e.g. -t 30 for the request timeout).
 #
 # Loading a model runs its code, so only the registry or a directory you name are accepted
-# (the same rule as `mlflow run . -e serve`). An alias is read once, at start: restart the
-# container to pick up a new champion.
+# (the same rule as `mlflow run . -e serve`). Without FOLLOW=1 an alias is read once, at start:
+# restart the container to pick up a new champion.
 set -euo pipefail
 
 default_model_uri=${LIGHTCYCLE_DEFAULT_MODEL_URI:-models:/lightcycle-fashion-scripted@champion}
@@ -66,6 +73,26 @@ case "$workers" in ''|*[!0-9]*|0) fail "MLFLOW_MODELS_WORKERS=$workers is not a 
 if [ "$workers" -gt 1 ] && [ -z "${LIGHTCYCLE_TORCH_THREADS:-}" ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
     share=$(( $(nproc) / workers ))
     export LIGHTCYCLE_TORCH_THREADS=$(( share > 0 ? share : 1 ))
+fi
+
+if [ "${FOLLOW:-0}" = 1 ]; then
+    case "$model_uri" in
+        models:/*@*) ;;
+        *) fail "FOLLOW=1 follows an alias, and MODEL_URI=$model_uri names none: set" \
+               "MODEL_URI=models:/<name>@<alias>, or unset FOLLOW to serve a fixed model." ;;
+    esac
+    [ "$#" = 0 ] || fail "FOLLOW=1 serves with lightcycle's follower, not \`mlflow models serve\`:" \
+        "it takes no extra arguments ($*)."
+    poll=${POLL_SECONDS:-10}
+    webhook_port=${WEBHOOK_PORT:-5002}
+    case "$poll" in ''|*[!0-9]*|0) fail "POLL_SECONDS=$poll is not a positive integer." ;; esac
+    case "$webhook_port" in ''|*[!0-9]*) fail "WEBHOOK_PORT=$webhook_port is not a port number." ;; esac
+    # The follower handles SIGTERM itself (drains, deletes its webhook, exits 0): PID 1 is safe.
+    exec python -m lightcycle.serving.follow --model_uri "$model_uri" --host "$host" \
+        --port "$port" --workers "$workers" --poll_seconds "$poll" \
+        --webhook_port "$webhook_port" --webhook_url "${WEBHOOK_URL:-auto}"
+elif [ -n "${FOLLOW:-}" ] && [ "$FOLLOW" != 0 ]; then
+    fail "FOLLOW=$FOLLOW: set FOLLOW=1 to follow the alias, or leave it unset."
 fi
 
 echo "lightcycle-serve: serving $model_uri on http://$host:$port (/ping, /invocations)," \

@@ -16,6 +16,7 @@ def main(argv=None):
     parser.add_argument("--follow", type=boolean, default=defaults.SERVE["follow"])
     parser.add_argument("--poll_seconds", type=integer, default=defaults.SERVE["poll_seconds"])
     parser.add_argument("--webhook_port", type=integer, default=defaults.SERVE["webhook_port"])
+    parser.add_argument("--webhook_url", type=text, default=defaults.SERVE["webhook_url"])
     args = parser.parse_args(argv)
 
     from lightcycle.lifecycle import connection, tracking
@@ -24,8 +25,10 @@ def main(argv=None):
     connection.check_tracking_server()
     tracking.label_step_run("serve")
     if args.follow:
-        scoring_server.follow(args.model_uri, args.host, args.port, args.workers,
-                              args.poll_seconds, args.webhook_port)
+        from lightcycle.serving.follow import Follower
+
+        Follower(args.model_uri, args.host, args.port, args.workers, args.poll_seconds,
+                 args.webhook_port, webhook_url=args.webhook_url).run()
     else:
         scoring_server.exec_server(args.model_uri, args.host, args.port, args.workers)
 

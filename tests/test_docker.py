@@ -284,9 +284,14 @@ def _entrypoint_env(**extra: str) -> dict[str, str]:
     ({"MODEL_URI": "runs:/abc/model", "MLFLOW_TRACKING_URI": "http://127.0.0.1:1"}, "Refusing"),
     ({"MODEL_URI": "/"}, "holds no MLmodel"),
     ({"MODEL_URI": "models:/m/1", "MLFLOW_TRACKING_URI": "http://x", "PORT": "80a"}, "not a port"),
+    ({"FOLLOW": "1", "MODEL_URI": "models:/m/1", "MLFLOW_TRACKING_URI": "http://x"}, "names none"),
+    ({"FOLLOW": "yes", "MODEL_URI": "models:/m@champion", "MLFLOW_TRACKING_URI": "http://x"},
+     "set FOLLOW=1"),
+    ({"FOLLOW": "1", "MODEL_URI": "models:/m@champion", "MLFLOW_TRACKING_URI": "http://x",
+      "POLL_SECONDS": "0"}, "POLL_SECONDS=0 is not a positive integer"),
 ], ids=["missing-dir", "registry-without-tracking", "default-without-tracking",
         "image-default-without-tracking", "model-uri-beats-image-default", "s3", "runs",
-        "dir-without-mlmodel", "bad-port"])
+        "dir-without-mlmodel", "bad-port", "follow-a-version", "follow-yes", "follow-poll-0"])
 def test_entrypoint_refuses_bad_settings_before_starting(env, needle):
     result = subprocess.run(["bash", str(ENTRYPOINT)], env=_entrypoint_env(**env),
                             capture_output=True, text=True, timeout=30)
@@ -318,6 +323,62 @@ def test_entrypoint_serves_a_local_model_dir_and_stops_on_sigterm(served_model, 
         assert proc.wait(30) == 0, log.read_text()[-3000:]
         with pytest.raises(requests.ConnectionError):
             requests.get(url + "/ping", timeout=2)
+    finally:
+        stop_process(proc)
+
+
+def _two_versions(served_model) -> str:
+    """A registered model with versions 1 and 2 of the served cnn, `champion` on 1: its name."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    name = f"docker-{uuid.uuid4().hex[:8]}-scripted"
+    for _ in range(2):
+        with mlflow.start_run():
+            mlflow.pyfunc.log_model(name="model", registered_model_name=name,
+                                    **_deployable_kwargs(served_model["archive"]))
+    MlflowClient().set_registered_model_alias(name, "champion", "1")
+    return name
+
+
+FOLLOW_ENV = {"FOLLOW": "1", "POLL_SECONDS": "2", "WEBHOOK_PORT": "0", "HOST": "127.0.0.1"}
+
+
+def _check_following(url: str, name: str, served_model, alive) -> None:
+    """Version 1 answers; once `champion` moves to 2, version 2 does, within poll + 10 s."""
+    from mlflow import MlflowClient
+
+    def version() -> str:
+        response = requests.post(url + "/invocations", timeout=30,
+                                 json={"inputs": served_model["pixels"][:1].tolist()})
+        response.raise_for_status()
+        return response.headers["x-lightcycle-model-version"]
+
+    assert version() == "1"
+    MlflowClient().set_registered_model_alias(name, "champion", "2")
+    deadline = time.monotonic() + 2 + 10
+    while version() != "2":
+        assert alive() and time.monotonic() < deadline, "version 2 never answered"
+        time.sleep(0.2)
+    _check_predictions(_invoke(url, served_model["pixels"][:32]), served_model, n=32)
+
+
+@pytest.mark.slow
+def test_entrypoint_follows_the_champion_with_follow_1(served_model, tracking_uri, tmp_path):
+    name = _two_versions(served_model)
+    port = free_port()
+    log = tmp_path / "entrypoint.log"
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT)], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env=_entrypoint_env(MODEL_URI=f"models:/{name}@champion", PORT=str(port),
+                                                MLFLOW_TRACKING_URI=tracking_uri, **FOLLOW_ENV),
+                            start_new_session=True, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/ping", proc, timeout=120, log=log)
+        _check_following(url, name, served_model, lambda: proc.poll() is None)
+        proc.send_signal(signal.SIGTERM)  # as `docker stop` does to PID 1
+        assert proc.wait(30) == 0, log.read_text()[-3000:]
+        assert "follow: stopped" in log.read_text()
     finally:
         stop_process(proc)
 
@@ -381,6 +442,8 @@ def _build(engine, tmp_path_factory, request, tag: str, target: str | None = Non
     shutil.copy2(PROJECT_ROOT / ".dockerignore", context / ".dockerignore")
     (context / "docker").mkdir()
     shutil.copy2(ENTRYPOINT, context / "docker" / "entrypoint.sh")
+    shutil.copytree(PROJECT_ROOT / "src" / "lightcycle", context / "src" / "lightcycle",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
 
     buildargs: dict[str, str] = {}
     extras = context / "docker" / "build-extras"
@@ -593,6 +656,30 @@ def test_container_serves_the_registry_champion(engine, image, served_model, tra
     try:
         _wait_for_container(container, url)
         _check_predictions(_invoke(url, served_model["pixels"][:32]), served_model, n=32)
+    finally:
+        container.remove(force=True)
+
+
+@pytest.mark.slow
+def test_container_follows_the_champion_with_follow_1(engine, image, served_model, tracking_uri):
+    """FOLLOW=1: the image's lightcycle follower, on mlflow-skinny, moves to the new champion
+    (polling: the test server sends no webhooks), and `docker stop` ends it with status 0."""
+    name = _two_versions(served_model)
+    port = free_port()
+    container = _start_container(
+        engine, image["image"].id, network_mode="host",
+        environment={"MODEL_URI": f"models:/{name}@champion", "MLFLOW_TRACKING_URI": tracking_uri,
+                     "PORT": str(port), **FOLLOW_ENV},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_container(container, url)
+        _check_following(url, name, served_model,
+                         lambda: (container.reload(), container.status)[1] == "running")
+        container.stop(timeout=30)
+        container.reload()
+        assert container.attrs["State"]["ExitCode"] == 0, container.logs().decode()[-3000:]
+        assert "follow: stopped" in container.logs().decode()
     finally:
         container.remove(force=True)
 

@@ -15,6 +15,8 @@ import hashlib
 import hmac
 import json
 import os
+import re
+import shlex
 import subprocess
 import threading
 import time
@@ -29,8 +31,6 @@ from cryptography.fernet import Fernet
 from conftest import (BACKENDS, PROJECT_ROOT, free_port, start_tracking_server, stop_process,
                       wait_for_http)
 
-pytestmark = pytest.mark.slow
-
 WEBHOOKS_ON = {
     # An http receiver on loopback: MLflow refuses both by default.
     "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
@@ -40,6 +40,7 @@ WEBHOOKS_ON = {
     # One key across restarts, or the webhook's stored secret cannot be read after one.
     "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(),
 }
+DOCUMENTED = "mlflow run . -e serve --env-manager local -P follow=true"
 NAME = "follow-fashion"
 POLL_SECONDS = 5
 VERSION_HEADER = "x-lightcycle-model-version"
@@ -92,6 +93,88 @@ class Registry:
                                             env=self.env)
 
 
+# ---------------------------------------------------------------- fast: no server
+
+
+def test_the_documented_command_is_the_one_these_tests_run():
+    assert DOCUMENTED in (PROJECT_ROOT / "docs" / "serving.md").read_text()
+
+
+def _signed(secret: str, body: str, stamp: int | None = None, delivery: str | None = None):
+    """Headers as MLflow's delivery code signs them (mlflow.webhooks.delivery)."""
+    from mlflow.webhooks.delivery import _generate_hmac_signature
+
+    delivery, stamp = delivery or str(uuid.uuid4()), str(stamp or int(time.time()))
+    return {"X-MLflow-Signature": _generate_hmac_signature(secret, delivery, stamp, body),
+            "X-MLflow-Timestamp": stamp, "X-MLflow-Delivery-Id": delivery}
+
+
+def test_the_receiver_takes_mlflows_signature_and_refuses_everything_else():
+    from lightcycle.serving.follow import WebhookReceiver
+
+    receiver = WebhookReceiver(("127.0.0.1", 0), b"s3cret", NAME, "champion", threading.Event())
+    try:
+        body = '{"entity": "model_version_alias", "action": "created"}'
+        headers = _signed("s3cret", body)
+        assert receiver.verify(headers, body.encode()) is None
+        assert receiver.verify(headers, body.encode()) == "replayed delivery"
+        assert receiver.verify({}, body.encode()) == "unsigned"
+        assert receiver.verify(_signed("guess", body), body.encode()) == "bad signature"
+        assert receiver.verify(_signed("s3cret", body), body.encode() + b" ") == "bad signature"
+        stale = _signed("s3cret", body, stamp=int(time.time()) - 301)
+        assert receiver.verify(stale, body.encode()) == "stale timestamp"
+    finally:
+        receiver.server_close()
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"model_uri": "models:/m/3"}, "names none"),
+    ({"poll_seconds": 0}, "poll_seconds=0"),
+    ({"workers": 0}, "workers=0"),
+    ({"webhook_url": "serving-host:5002"}, "webhook_url="),
+])
+def test_follow_refuses_what_it_cannot_follow(kwargs, needle):
+    from lightcycle.errors import UserError
+    from lightcycle.serving.follow import Follower
+
+    settings = {"model_uri": "models:/m@champion", "host": "127.0.0.1", "port": 5001,
+                "workers": 1, "poll_seconds": 10, "webhook_port": 5002, **kwargs}
+    with pytest.raises(UserError, match=re.escape(needle)):
+        Follower(**settings)
+
+
+def test_answers_name_their_version_and_close_the_connection_once_draining():
+    import asyncio
+
+    from lightcycle.serving.scoring_worker import labelled
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def answer(draining: asyncio.Event) -> dict:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await labelled(app, "7", draining)({"type": "http"}, None, send)
+        return dict(sent[0]["headers"])
+
+    async def both():
+        draining = asyncio.Event()
+        serving = await answer(draining)
+        draining.set()
+        return serving, await answer(draining)
+
+    serving, drained = asyncio.run(both())
+    assert serving == {b"x-lightcycle-model-version": b"7"}
+    assert drained == {b"x-lightcycle-model-version": b"7", b"connection": b"close"}
+
+
+# ---------------------------------------------------------------- slow: real servers
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
 def registry(request, tmp_path_factory):
     env = dict(WEBHOOKS_ON)
@@ -131,9 +214,11 @@ class Follower:
     def __init__(self, registry: Registry, log: Path, **params):
         self.port, self.webhook_port = free_port(), free_port()
         self.log = log
-        params = {"model_uri": f"models:/{NAME}@champion", "follow": "true", "port": self.port,
+        # docs/serving.md's command, as written; the model, the ports and the poll interval
+        # are this test's.
+        params = {"model_uri": f"models:/{NAME}@champion", "port": self.port,
                   "poll_seconds": POLL_SECONDS, "webhook_port": self.webhook_port, **params}
-        cmd = ["mlflow", "run", str(PROJECT_ROOT), "-e", "serve", "--env-manager", "local"]
+        cmd = shlex.split(DOCUMENTED)
         for key, value in params.items():
             cmd += ["-P", f"{key}={value}"]
         self.proc = subprocess.Popen(
@@ -225,6 +310,7 @@ def follower(registry, tmp_path_factory):
     stop_process(follower.proc, timeout=60)
 
 
+@pytest.mark.slow
 def test_alias_move_reaches_the_server_by_webhook_with_no_failed_request(registry, follower):
     follower.wait_for("sends model_version_alias.created", timeout=30)
     assert follower.version() == "1"
@@ -243,6 +329,7 @@ def test_alias_move_reaches_the_server_by_webhook_with_no_failed_request(registr
           f"{switched:.2f} s; {load.sent} requests, {len(load.failures)} failed")
 
 
+@pytest.mark.slow
 def test_forged_and_unsigned_webhooks_are_refused(registry, follower):
     body = json.dumps({"entity": "model_version_alias", "action": "created",
                        "data": {"name": NAME, "alias": "champion", "version": "3"}})
@@ -261,6 +348,7 @@ def test_forged_and_unsigned_webhooks_are_refused(registry, follower):
     assert follower.version() == "2"
 
 
+@pytest.mark.slow
 def test_a_broken_champion_is_refused_and_the_old_one_keeps_serving(registry, follower):
     with Load(follower.url, clients=2) as load:
         registry.move("champion", "3")
@@ -274,6 +362,7 @@ def test_a_broken_champion_is_refused_and_the_old_one_keeps_serving(registry, fo
     assert "version 3 refused: it answered classes" in printed, printed[-3000:]
 
 
+@pytest.mark.slow
 def test_a_move_while_the_tracking_server_is_down_is_picked_up_when_it_is_back(registry, follower,
                                                                             monkeypatch):
     from mlflow import MlflowClient
@@ -311,6 +400,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_stopping_deletes_the_webhook_and_the_scoring_processes(registry, follower):
     descendants = _descendants(follower.proc.pid)
     assert len(descendants) >= 3, descendants  # mlflow run -> steps/serve.py -> scoring process
@@ -325,6 +415,7 @@ def test_stopping_deletes_the_webhook_and_the_scoring_processes(registry, follow
     assert f"webhook {webhooks[0].webhook_id} deleted" in follower.printed()
 
 
+@pytest.mark.slow
 def test_a_server_that_sends_no_webhooks_is_polled(tmp_path):
     """MLflow's defaults: no webhook to an http or loopback receiver. The step says so, polls,
     and the move reaches the server within poll_seconds + 10 s with no failed request."""

@@ -253,6 +253,10 @@ def test_team_server_state_is_private_and_sqlite_has_one_writer(tmp_path):
             client.log_artifact(run.info.run_id, str(tmp_path / "a.txt"), "sub")
         server_argv = next(argv for argv in _argvs() if "--backend-store-uri" in argv
                            and str(state / "mlflow.db") in " ".join(argv))
+        server_environ = next(
+            (entry / "environ").read_bytes().decode().split("\0") for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and (entry / "cmdline").exists()
+            and (entry / "cmdline").read_bytes().decode().split("\0") == server_argv)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -263,7 +267,13 @@ def test_team_server_state_is_private_and_sqlite_has_one_writer(tmp_path):
     paths = [state, *state.rglob("*")]
     names = {p.relative_to(state).as_posix() for p in paths if p != state}
     assert {"mlflow.db", "basic_auth.db", "admin-password", "basic_auth.ini",
-            "flask-secret-key", "artifacts"} <= names
+            "flask-secret-key", "webhook-secret-key", "artifacts"} <= names
+    # The server encrypts webhook secrets with the kept key (a valid Fernet key), not its own.
+    from cryptography.fernet import Fernet
+
+    key = (state / "webhook-secret-key").read_text().strip()
+    Fernet(key)
+    assert f"MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY={key}" in server_environ
     assert any(n.endswith("sub/a.txt") for n in names)
     wrong = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in paths
              if (p.stat().st_mode & 0o777) != (0o700 if p.is_dir() else 0o600)}

@@ -56,6 +56,7 @@ TUNE = {
 }
 
 SERVE = {"model_uri": f"models:/{MODEL_NAME}-scripted@champion", "host": "127.0.0.1",
-         "port": 5001, "workers": 1, "follow": False, "poll_seconds": 10, "webhook_port": 5002}
+         "port": 5001, "workers": 1, "follow": False, "poll_seconds": 10, "webhook_port": 5002,
+         "webhook_url": AUTO}
 PREDICT = {"output": AUTO, "batch_size": 256, "engine": "local", "spark_master": AUTO,
            "spark_conf": "none"}

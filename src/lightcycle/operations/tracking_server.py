@@ -10,6 +10,7 @@ The PostgreSQL cluster itself is operations.postgres.
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import secrets
 import signal
@@ -59,6 +60,15 @@ def _secret(path: Path) -> str:
     if not path.exists():
         path.touch(0o600)
         path.write_text(secrets.token_urlsafe(24) + "\n")
+    path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _webhook_key(path: Path) -> str:
+    """A Fernet key (32 random bytes, url-safe base64) kept in a 0600 file, made on first use."""
+    if not path.exists():
+        path.touch(0o600)
+        path.write_text(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode() + "\n")
     path.chmod(0o600)
     return path.read_text().strip()
 
@@ -157,6 +167,10 @@ def serve(state: Path, host: str, port: int, backend: str, auth: bool, workers: 
             workers = 1
     if auth:
         env.update(_auth_env(state))
+    # Webhook secrets are stored encrypted; without a key of its own each server process makes
+    # a random one, and a webhook made before a restart (or by another worker) can no longer
+    # be delivered. One key, kept with the store, outlives both. A key of the user's wins.
+    env.setdefault("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", _webhook_key(state / "webhook-secret-key"))
     url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{url_host}:{port}"
     proc = subprocess.Popen(

@@ -222,7 +222,7 @@ class _WebhookHandler(BaseHTTPRequestHandler):
 
 class Follower:
     def __init__(self, model_uri: str, host: str, port: int, workers: int, poll_seconds: int,
-                 webhook_port: int, timeout: int = 60):
+                 webhook_port: int, webhook_url: str = "auto", timeout: int = 60):
         from lightcycle.lifecycle import registry
 
         named = registry.alias_of(model_uri)
@@ -231,11 +231,17 @@ class Follower:
                 f"follow=true follows an alias, and {model_uri!r} names none: give "
                 "models:/<name>@<alias> (for example models:/lightcycle-fashion-scripted@champion), "
                 "or serve a fixed version with follow=false.")
+        if workers < 1:
+            raise UserError(f"workers={workers}: give at least 1 scoring process.")
+        if webhook_url != "auto" and not webhook_url.startswith(("http://", "https://")):
+            raise UserError(f"webhook_url={webhook_url!r}: give the http(s) URL at which the "
+                            "tracking server reaches this machine's webhook_port, or auto.")
         if poll_seconds < 1:
             raise UserError(f"poll_seconds={poll_seconds}: give a whole number of seconds, at least 1.")
         self.model_uri, (self.name, self.alias) = model_uri, named
         self.host, self.port, self.workers, self.timeout = host, port, workers, timeout
         self.poll_seconds, self.webhook_port = poll_seconds, webhook_port
+        self.advertised_url = webhook_url
         self.wake, self.stopping = threading.Event(), False
         self.refused: set[str] = set()
         self.spares: list[Scorer] = []
@@ -331,6 +337,10 @@ class Follower:
 
     # -- webhooks ---------------------------------------------------------------------------
     def webhook_url(self) -> str:
+        """Where the tracking server sends deliveries: webhook_url, else this host's address
+        (its name when serving on every interface) and webhook_port."""
+        if self.advertised_url != "auto":
+            return self.advertised_url
         host = self.host if self.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
         return f"http://{host}:{self.receiver.server_address[1]}/"
 
@@ -453,3 +463,29 @@ class Follower:
             listener.close()
             shutil.rmtree(self.downloads, ignore_errors=True)
             _say("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m lightcycle.serving.follow`: what the serving image runs with FOLLOW=1
+    (`mlflow run . -e serve -P follow=true` is the same Follower)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_uri", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5001)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--poll_seconds", type=int, default=10)
+    parser.add_argument("--webhook_port", type=int, default=5002)
+    parser.add_argument("--webhook_url", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        Follower(args.model_uri, args.host, args.port, args.workers, args.poll_seconds,
+                 args.webhook_port, webhook_url=args.webhook_url).run()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -55,12 +55,3 @@ def exec_server(model_uri: str, host: str, port: int, workers: int) -> None:
     print(f"serving {model_uri} -> {resolved} on http://{host}:{port}/invocations", flush=True)
     os.execve(cmd[0], cmd, env)
 
-
-def follow(model_uri: str, host: str, port: int, workers: int, poll_seconds: int,
-           webhook_port: int) -> None:
-    """Serve the alias `model_uri` names and move to each new version (serving/follow.py)."""
-    from lightcycle.serving.follow import Follower
-
-    if workers < 1:
-        raise UserError(f"workers={workers}: give at least 1 scoring process.")
-    Follower(model_uri, host, port, workers, poll_seconds, webhook_port).run()
