@@ -238,6 +238,16 @@ class Follower:
             assert time.monotonic() < deadline, f"{text!r} not printed in {timeout} s:\n{self.printed()[-3000:]}"
             time.sleep(0.1)
 
+    def spares_ready(self, timeout: float = 60) -> None:
+        """Wait until the spare processes of the next version have done their imports: after
+        each version's start, one "ready" line."""
+        deadline = time.monotonic() + timeout
+        while (self.printed().count("spare process(es) ready")
+               < self.printed().count("starting version ")):
+            assert self.proc.poll() is None, f"the follower exited:\n{self.printed()[-3000:]}"
+            assert time.monotonic() < deadline, f"no spares ready:\n{self.printed()[-3000:]}"
+            time.sleep(0.1)
+
     def version(self) -> str:
         response = requests.post(f"{self.url}/invocations", json={"inputs": PIXELS}, timeout=30)
         response.raise_for_status()
@@ -315,6 +325,7 @@ def test_alias_move_reaches_the_server_by_webhook_with_no_failed_request(registr
     follower.wait_for("sends model_version_alias.created", timeout=30)
     assert follower.version() == "1"
     time.sleep(2)  # the server's webhook cache (1 s here) has read the new webhook
+    follower.spares_ready()
     with Load(follower.url) as load:
         time.sleep(1)
         moved = registry.move("champion", "2")
@@ -369,6 +380,7 @@ def test_a_move_while_the_tracking_server_is_down_is_picked_up_when_it_is_back(r
 
     for key, value in registry.env.items():
         monkeypatch.setenv(key, value)
+    follower.spares_ready()
     with Load(follower.url) as load:
         stop_process(registry.server.proc)
         follower.wait_for("cannot read", timeout=POLL_SECONDS + 15)
@@ -418,12 +430,14 @@ def test_stopping_deletes_the_webhook_and_the_scoring_processes(registry, follow
 @pytest.mark.slow
 def test_a_server_that_sends_no_webhooks_is_polled(tmp_path):
     """MLflow's defaults: no webhook to an http or loopback receiver. The step says so, polls,
-    and the move reaches the server within poll_seconds + 10 s with no failed request."""
+    and the move reaches the server within poll_seconds + 10 s with no failed request; here
+    with 2 scoring processes per version (`-P workers=2`)."""
     with _registry(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", {}) as registry:
-        follower = Follower(registry, tmp_path / "serve.log")
+        follower = Follower(registry, tmp_path / "serve.log", workers=2)
         try:
             follower.wait_for(f"polling models:/{NAME}@champion every {POLL_SECONDS} s", timeout=30)
             assert "the tracking server takes no webhook" in follower.printed()
+            follower.spares_ready()
             with Load(follower.url) as load:
                 time.sleep(1)
                 moved = registry.move("champion", "2")
@@ -431,6 +445,7 @@ def test_a_server_that_sends_no_webhooks_is_polled(tmp_path):
                 follower.wait_for("version 1 stopped", timeout=30)
                 load.finish()
             assert "moved from version 1 to 2 (seen by poll)" in follower.printed()
+            assert "starting version 2 of follow-fashion (2 process(es))" in follower.printed()
             assert not registry.client.list_webhooks()
             print(f"poll only ({POLL_SECONDS} s): alias move -> first answer of the new version "
                   f"{switched:.2f} s; {load.sent} requests, 0 failed")

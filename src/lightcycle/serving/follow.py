@@ -29,7 +29,7 @@ import hmac
 import json
 import os
 import secrets
-import selectors
+import queue
 import shutil
 import signal
 import socket
@@ -67,7 +67,18 @@ class Scorer:
             stdin=subprocess.PIPE, text=True, env=env, start_new_session=True,
             pass_fds=(listener.fileno(), status_write))
         os.close(status_write)
-        self.status = os.fdopen(status_read)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.standing_by = threading.Event()
+        threading.Thread(target=self._read, args=(os.fdopen(status_read),), daemon=True).start()
+
+    def _read(self, status) -> None:
+        with status:
+            for line in status:
+                if line.strip() == "standby":
+                    self.standing_by.set()
+                else:
+                    self.lines.put(line.strip())
+        self.lines.put("")  # the process is gone
 
     def send(self, command: str) -> None:
         try:
@@ -77,11 +88,12 @@ class Scorer:
             pass
 
     def read_status(self, timeout: float) -> str:
-        """The next status line, or '' if the process exited or said nothing in time."""
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.status, selectors.EVENT_READ)
-            ready = selector.select(timeout)
-        return self.status.readline().strip() if ready else ""
+        """The next status line after "standby", or '' if the process exited or said nothing
+        in time."""
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return ""
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -94,7 +106,6 @@ class Scorer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.status.close()
 
 
 @dataclass
@@ -284,14 +295,26 @@ class Follower:
             _say(f"could not tag version {number} {TAG_REFUSED}: {exc}")
 
     # -- scoring processes ----------------------------------------------------------------
-    def standby(self, listener: socket.socket, runtime: str) -> None:
+    def standby(self, listener: socket.socket, runtime: str, announce: bool = True) -> None:
         """Start the processes the next version will load into, their imports done meanwhile."""
         from lightcycle.serving import scoring_server
 
         env = scoring_server.server_environment(self.workers, self.worker_environment)
         self.spares = [spare for spare in self.spares if spare.alive()]
+        if len(self.spares) >= self.workers:
+            return
         while len(self.spares) < self.workers:
             self.spares.append(Scorer(listener, env, self.timeout, runtime))
+        spares = list(self.spares)
+
+        def announce_ready():
+            began = time.monotonic()
+            if all(spare.standing_by.wait(START_TIMEOUT_SECONDS) for spare in spares):
+                _say(f"{len(spares)} spare process(es) ready for the next version "
+                     f"(imports done in {time.monotonic() - began:.1f} s)")
+
+        if announce:
+            threading.Thread(target=announce_ready, daemon=True).start()
 
     def start(self, number: str, listener: socket.socket) -> Version | str:
         """Version `number` downloaded, started and checked, not yet serving; or why not."""
@@ -306,14 +329,12 @@ class Follower:
         except Exception as exc:
             return f"its files could not be downloaded: {exc}"
         version = Version(number, model_dir)
-        self.standby(listener, version.runtime())
+        self.standby(listener, version.runtime(), announce=False)
         version.scorers, self.spares = self.spares[:self.workers], self.spares[self.workers:]
         for scorer in version.scorers:
             scorer.send(f"load {number} {model_dir}")
         for scorer in version.scorers:
             line = scorer.read_status(START_TIMEOUT_SECONDS)
-            if line == "standby":
-                line = scorer.read_status(START_TIMEOUT_SECONDS)
             if not line.startswith("checking "):
                 reason = (f"its scoring process did not start within {START_TIMEOUT_SECONDS} s"
                           if scorer.alive() else "its scoring process exited while loading the "
