@@ -433,6 +433,13 @@ def test_a_server_that_sends_no_webhooks_is_polled(tmp_path):
     and the move reaches the server within poll_seconds + 10 s with no failed request; here
     with 2 scoring processes per version (`-P workers=2`)."""
     with _registry(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", {}) as registry:
+        missing = subprocess.run(
+            [*shlex.split(DOCUMENTED), "-P", "model_uri=models:/follow-missing@champion",
+             "-P", f"port={free_port()}"], capture_output=True, text=True, timeout=300,
+            cwd=PROJECT_ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": registry.server.url})
+        assert missing.returncode != 0
+        assert "models:/follow-missing@champion does not exist in the registry" in missing.stderr, \
+            missing.stderr[-3000:]
         follower = Follower(registry, tmp_path / "serve.log", workers=2)
         try:
             follower.wait_for(f"polling models:/{NAME}@champion every {POLL_SECONDS} s", timeout=30)

@@ -13,7 +13,7 @@ How a move happens, with what uvicorn and the kernel already give (no proxy in b
 A version that fails its check never takes traffic: the old one keeps serving, and the
 version gets the tag `lightcycle.serving_refused` saying why.
 
-What makes it look: an MLflow registry webhook (`model_version_alias.created`, on a tracking
+What tells it that the alias moved: an MLflow registry webhook (`model_version_alias.created`, on a tracking
 server with a SQL backend that allows the receiver's address), signed with a secret made here,
 kept in memory and never printed; and, always, a poll of the alias every `poll_seconds`, which
 is all there is where the server sends no webhooks, and which also finds a move made while the
@@ -28,8 +28,8 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
 import queue
+import secrets
 import shutil
 import signal
 import socket
@@ -232,6 +232,8 @@ class _WebhookHandler(BaseHTTPRequestHandler):
 
 
 class Follower:
+    """Serves one alias on (host, port) until SIGTERM or Ctrl-C: see this module's docstring."""
+
     def __init__(self, model_uri: str, host: str, port: int, workers: int, poll_seconds: int,
                  webhook_port: int, webhook_url: str = "auto", timeout: int = 60):
         from lightcycle.lifecycle import registry
@@ -434,12 +436,17 @@ class Follower:
         except OSError as exc:
             raise UserError(f"cannot serve on {self.host}:{self.port} ({exc}): stop what holds "
                             "it, or choose another port with -P port=<port>.") from None
-        number = self.alias_version()
-        if number is None:
-            raise UserError(f"cannot read {self.model_uri} from {os.environ.get('MLFLOW_TRACKING_URI')}: "
-                            "check that the tracking server is up and the alias exists.")
+        from lightcycle.lifecycle import registry
+
+        try:
+            number = str(registry.resolve(self.model_uri).version)  # its errors say what to do
+        except BaseException:
+            listener.close()
+            raise
         started = self.start(number, listener)
         if isinstance(started, str):
+            listener.close()
+            shutil.rmtree(self.downloads, ignore_errors=True)
             raise UserError(f"version {number} of {self.name} cannot serve: {started}")
         current = started
         self.take_traffic(current)

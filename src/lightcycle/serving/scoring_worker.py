@@ -91,7 +91,9 @@ async def serve(app, listen_fd: int, version: str, status, timeout: int) -> None
     shared = socket.socket(fileno=listen_fd)
     main = server()
     main_task = asyncio.create_task(main.serve(sockets=[shared]))
-    while not main.started and not main_task.done():
+    while not main.started:
+        if main_task.done():
+            return await main_task
         await asyncio.sleep(0.01)
     report("serving")
     commands = asyncio.create_task(next_command())
