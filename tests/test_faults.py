@@ -142,9 +142,12 @@ def test_killed_train_resumes_from_logged_checkpoint_on_rerun(tracking_uri, expe
     first = popen_main(params, experiment, log)
     try:
         train = poll(lambda: step_run(experiment, "train", "RUNNING"), 300, "the train run")
-        poll(lambda: checkpoint_epochs(client, train.info.run_id), 300, "the first checkpoint")
+        # Found before the first checkpoint, so that the kill follows it within one poll and
+        # lands before the last epoch: a kill after it would leave nothing to resume.
         pids = poll(lambda: [p for p in descendants(first.pid) if argv(p)[1:2] == ["steps/train.py"]],
                     30, "the train process")
+        poll(lambda: checkpoint_epochs(client, train.info.run_id), 300, "the first checkpoint",
+             interval=0.05)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
     finally:
@@ -154,6 +157,7 @@ def test_killed_train_resumes_from_logged_checkpoint_on_rerun(tracking_uri, expe
     assert killed.info.status in ("FAILED", "KILLED")
     assert not runs_of(experiment, status="RUNNING"), "a run was left RUNNING"
     saved = checkpoint_epochs(client, killed.info.run_id)
+    assert saved and saved[-1] < 3, f"the kill came after the last epoch's checkpoint: {saved}"
 
     rerun = check(mlflow_run("main", params, experiment))
     finished = runs_of(experiment, "train", "FINISHED")
