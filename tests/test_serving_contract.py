@@ -123,6 +123,17 @@ def test_answers_are_eager_torchs_on_the_test_images(url, images, eager_probabil
                                               eager_probabilities.argmax(1)]
 
 
+def test_the_logged_input_example_is_answered_as_the_logged_reference_says(url, request):
+    """What `serve -P follow=true` checks a new version by (serving/follow.py): the reference
+    export.py writes from each archive matches what `mlflow models serve` answers, onnx too."""
+    from lightcycle.serving.follow import check_answers
+
+    onnx = request.node.callspec.params["url"] == "onnx"
+    model = request.getfixturevalue("onnx_deployable" if onnx else "deployable")
+    assert any(model.glob("artifacts/*.onnx")) == onnx
+    assert check_answers(int(url.rsplit(":", 1)[1]), model) is None
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_every_malformed_payload_gets_the_same_clear_4xx(url, case):
     """The chain's champion answers these in tests/test_serve.py: NaN, Infinity, an oversized
