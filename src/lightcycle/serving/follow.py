@@ -498,14 +498,13 @@ def main(argv: list[str] | None = None) -> None:
     (`mlflow run . -e serve -P follow=true` is the same Follower)."""
     import argparse
 
+    from lightcycle import defaults
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_uri", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5001)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--poll_seconds", type=int, default=10)
-    parser.add_argument("--webhook_port", type=int, default=5002)
-    parser.add_argument("--webhook_url", default="auto")
+    for key in ("host", "port", "workers", "poll_seconds", "webhook_port", "webhook_url"):
+        default = defaults.SERVE[key]
+        parser.add_argument(f"--{key}", default=default, type=type(default))
     args = parser.parse_args(argv)
     try:
         Follower(args.model_uri, args.host, args.port, args.workers, args.poll_seconds,

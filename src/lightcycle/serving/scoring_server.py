@@ -54,4 +54,3 @@ def exec_server(model_uri: str, host: str, port: int, workers: int) -> None:
     env = server_environment(workers, os.environ)
     print(f"serving {model_uri} -> {resolved} on http://{host}:{port}/invocations", flush=True)
     os.execve(cmd[0], cmd, env)
-

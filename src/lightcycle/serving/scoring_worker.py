@@ -74,13 +74,21 @@ async def serve(app, listen_fd: int, version: str, status, timeout: int) -> None
     async def next_command() -> str:
         return (await asyncio.to_thread(sys.stdin.readline)).strip()
 
+    async def started(server: uvicorn.Server, listener: socket.socket):
+        """`server` serving on `listener`: its task once it accepts, None if it stopped first."""
+        task = asyncio.create_task(server.serve(sockets=[listener]))
+        while not server.started:
+            if task.done():
+                await task
+                return None
+            await asyncio.sleep(0.01)
+        return task
+
     private = socket.create_server(("127.0.0.1", 0))
     check = server()
-    check_task = asyncio.create_task(check.serve(sockets=[private]))
-    while not check.started:
-        if check_task.done():
-            return await check_task
-        await asyncio.sleep(0.01)
+    check_task = await started(check, private)
+    if check_task is None:
+        return
     report(f"checking {private.getsockname()[1]}")
     command = await next_command()
     check.should_exit = True
@@ -88,13 +96,10 @@ async def serve(app, listen_fd: int, version: str, status, timeout: int) -> None
     if command != "serve":
         return
 
-    shared = socket.socket(fileno=listen_fd)
     main = server()
-    main_task = asyncio.create_task(main.serve(sockets=[shared]))
-    while not main.started:
-        if main_task.done():
-            return await main_task
-        await asyncio.sleep(0.01)
+    main_task = await started(main, socket.socket(fileno=listen_fd))
+    if main_task is None:
+        return
     report("serving")
     commands = asyncio.create_task(next_command())
     await asyncio.wait([commands, main_task], return_when=asyncio.FIRST_COMPLETED)
